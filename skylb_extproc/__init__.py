@@ -1,0 +1,1 @@
+"""SkyLB for Envoy ext_proc."""

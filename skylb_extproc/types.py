@@ -1,0 +1,122 @@
+"""Values shared by the routing core, its drivers and the evaluator.
+
+Everything here is an immutable value. The core takes these in and hands these out; it never
+holds a socket, a clock or a global random generator.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+
+class Outcome(enum.Enum):
+    """How a request ended, from the balancer's point of view: the only label of result metrics."""
+
+    ROUTED = "routed"  # sent to a local replica
+    PASSTHROUGH = "passthrough"  # not an inference request; sent to the least-loaded replica
+    BAD_REQUEST = "bad_request"  # 400: unparsable or wrongly shaped body
+    TOO_LARGE = "too_large"  # 413: body over the configured limit
+    QUEUE_FULL = "queue_full"  # 429: the balancer's wait queue is full
+    DEADLINE = "deadline"  # 503: waited longer than queue.max_wait_s
+    NO_REPLICA = "no_replica"  # 503: no healthy replica at all (and a policy that does not wait)
+    CANCELLED = "cancelled"  # client went away while the request waited at the balancer
+    SHUTDOWN = "shutdown"  # 503: the server is stopping
+
+
+@dataclass(frozen=True, slots=True)
+class RouteRequest:
+    """What the router needs to know about one request; built by parsing/openai.py."""
+
+    request_id: str
+    path: str
+    method: str = "POST"
+    model: str = ""
+    prompt: str = ""  # text used for prefix affinity; "" when there is none
+    stream: bool = False
+    max_tokens: int | None = None
+    hash_key: str | None = None  # the x-hash-key header, for consistent hashing
+    inference: bool = True  # False: pass-through (other paths and methods), never queued
+
+
+@dataclass(frozen=True, slots=True)
+class ReplicaSpec:
+    """A configured replica: `address` is the `ip:port` Envoy connects to."""
+
+    name: str
+    address: str
+    metrics_url: str
+
+
+@dataclass(frozen=True, slots=True)
+class ScrapedMetrics:
+    """One successful scrape of a replica's /metrics (vLLM or SGLang names)."""
+
+    waiting: float  # vllm:num_requests_waiting | sglang:num_queue_reqs
+    running: float  # vllm:num_requests_running | sglang:num_running_reqs
+    kv_usage: float | None = None  # vllm:kv_cache_usage_perc | vllm:gpu_cache_usage_perc, 0..1
+    block_size: int | None = None  # from vllm:cache_config_info
+    num_gpu_blocks: int | None = None  # from vllm:cache_config_info
+    prefix_hits: float | None = None  # vllm:prefix_cache_hits_total (tokens)
+    prefix_queries: float | None = None  # vllm:prefix_cache_queries_total (tokens)
+
+
+@dataclass(frozen=True, slots=True)
+class ReplicaView:
+    """A replica as policies see it at decision time."""
+
+    name: str
+    address: str
+    healthy: bool  # scrapes succeed (or none configured yet failed for long)
+    available: bool  # healthy and no pending request: the selective-pushing test
+    in_flight: int  # requests this balancer sent there that have not finished
+    pending: int  # scraped waiting + our dispatches not yet confirmed started
+    matched_blocks: int = 0  # longest prefix of the request's block hashes this replica holds
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """The view a policy decides on; built by the router for one decision."""
+
+    replicas: tuple[ReplicaView, ...]
+    prompt_blocks: int  # how many block hashes the request has
+    prompt_chars: int  # length of the request's prompt text
+    block_chars: int  # characters per hashed block
+    decisions: int  # decisions made so far by this router (round robin cursor)
+    key_hash: int | None = None  # 64-bit hash of the consistent-hashing key, if any
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """Send the request to this local replica."""
+
+    replica: str
+    address: str
+    reason: str = ""  # short label: "prefix", "least_load", "round_robin", "hash", ...
+
+
+@dataclass(frozen=True, slots=True)
+class Wait:
+    """Keep the request queued at the balancer; decide again on the next event."""
+
+
+@dataclass(frozen=True, slots=True)
+class Reject:
+    """Answer the client directly; nothing is sent upstream."""
+
+    status: int
+    outcome: Outcome
+    message: str
+
+
+Decision = Route | Wait | Reject
+
+
+@dataclass(frozen=True, slots=True)
+class Dispatch:
+    """An action the driver must perform: answer the stream of `request_id` with `decision`."""
+
+    request_id: str
+    decision: Route | Reject
+    waited_s: float = 0.0  # time spent in the balancer's queue
+    matched_fraction: float = 0.0  # share of the prompt the chosen replica already holds
