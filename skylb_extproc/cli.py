@@ -1,0 +1,124 @@
+"""Command line: `skylb-extproc serve | check-config | sim-replica | demo`.
+
+Heavy imports (grpc, aiohttp, the simulator, the demo) happen inside the handlers, so
+`check-config` stays fast and works even when optional parts of the package are missing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import inspect
+import json
+import logging
+import sys
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any, TypeVar
+
+from skylb_extproc.config import load_config
+from skylb_extproc.errors import ConfigError
+
+EXIT_CONFIG = 2
+T = TypeVar("T")
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from skylb_extproc.server.app import run_server
+
+    config = load_config(args.config)
+
+    def ready(ports: dict[str, int]) -> None:
+        print(json.dumps(ports), flush=True)
+
+    _run(run_server(config, ready=ready))
+    return 0
+
+
+def _check_config(args: argparse.Namespace) -> int:
+    config = load_config(args.file)
+    print(f"ok: {config.summary()}")
+    return 0
+
+
+def _sim_replica(args: argparse.Namespace) -> int:
+    from skylb_extproc.sim.replica import main_sim_replica
+
+    return _result(main_sim_replica(args))
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from skylb_extproc.demo import main_demo
+
+    return _result(main_demo(args))
+
+
+def _result(value: object) -> int:
+    """Accept an int, None, or a coroutine from the delegated entry points."""
+    if inspect.iscoroutine(value):
+        value = _run(value)
+    return value if isinstance(value, int) else 0
+
+
+def _run(coro: Coroutine[Any, Any, T]) -> T:
+    try:
+        import uvloop  # type: ignore[import-not-found,unused-ignore]
+    except ImportError:
+        return asyncio.run(coro)
+    # Optional: uvloop cuts the asyncio share of the per-message cost when it is installed.
+    result: T = uvloop.run(coro)
+    return result
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="skylb-extproc", description=__doc__.splitlines()[0])
+    parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ... (stderr)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the ext_proc server for one region")
+    serve.add_argument("--config", required=True, help="skylb.yaml")
+    serve.set_defaults(handler=_serve)
+
+    check = sub.add_parser("check-config", help="validate a config file and print a summary")
+    check.add_argument("file")
+    check.set_defaults(handler=_check_config)
+
+    sim = sub.add_parser("sim-replica", help="run one simulated vLLM replica (HTTP)")
+    sim.add_argument("--host", default="127.0.0.1")
+    sim.add_argument("--port", type=int, required=True)
+    sim.add_argument("--name", default="sim")
+    sim.add_argument("--profile", default="l4-llama3.1-8b")
+    sim.add_argument("--time-scale", type=_positive_float, default=1.0)
+    sim.set_defaults(handler=_sim_replica)
+
+    demo = sub.add_parser("demo", help="start replicas, skylb and Envoy per region; send traffic")
+    demo.add_argument("--replicas-per-region", type=int, default=3)
+    demo.add_argument("--policy", default="skylb")
+    demo.add_argument("--traffic", type=int, default=200, help="number of requests to send")
+    demo.add_argument("--body-mode", choices=("buffered", "duplex"), default="buffered")
+    demo.add_argument("--time-scale", type=_positive_float, default=1.0)
+    demo.set_defaults(handler=_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=str(args.log_level).upper(),
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    handler: Callable[[argparse.Namespace], int] = args.handler
+    try:
+        return handler(args)
+    except ConfigError as exc:
+        print(f"config error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except KeyboardInterrupt:
+        return 130

@@ -1,0 +1,186 @@
+"""Scraping replicas' Prometheus /metrics (vLLM or SGLang) into ScrapedMetrics.
+
+`parse_metrics` is pure. `Scraper` runs one asyncio task per replica over a shared aiohttp
+session and hands every result (a ScrapedMetrics, or None for a failure) to a callback together
+with the instant the scrape *started*: the router needs it to tell which of its own dispatches a
+scrape could have seen.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+
+import aiohttp
+from prometheus_client.parser import text_string_to_metric_families
+
+from skylb_extproc.types import ReplicaSpec, ScrapedMetrics
+
+log = logging.getLogger(__name__)
+
+# Per quantity, the accepted sample names (first present wins): vLLM first, then SGLang.
+WAITING = ("vllm:num_requests_waiting", "sglang:num_queue_reqs")
+RUNNING = ("vllm:num_requests_running", "sglang:num_running_reqs")
+KV_USAGE = ("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc", "sglang:token_usage")
+PREFIX_HITS = ("vllm:prefix_cache_hits_total", "vllm:gpu_prefix_cache_hits_total")
+PREFIX_QUERIES = ("vllm:prefix_cache_queries_total", "vllm:gpu_prefix_cache_queries_total")
+CACHE_CONFIG = "vllm:cache_config_info"
+_WANTED = frozenset((*WAITING, *RUNNING, *KV_USAGE, *PREFIX_HITS, *PREFIX_QUERIES, CACHE_CONFIG))
+
+
+@dataclass
+class _Series:
+    """Samples of one name: values and label sets, across engines / models / tp ranks."""
+
+    values: list[float]
+    labels: list[dict[str, str]]
+
+
+def _collect(text: str) -> dict[str, _Series]:
+    found: dict[str, _Series] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name not in _WANTED or math.isnan(sample.value):
+                continue
+            series = found.setdefault(sample.name, _Series([], []))
+            series.values.append(float(sample.value))
+            series.labels.append(dict(sample.labels))
+    return found
+
+
+def _first(found: dict[str, _Series], names: Iterable[str]) -> _Series | None:
+    for name in names:
+        if name in found:
+            return found[name]
+    return None
+
+
+def _sum(series: _Series | None) -> float | None:
+    return None if series is None else sum(series.values)
+
+
+def _mean(series: _Series | None) -> float | None:
+    # Usage is a fraction per engine: several engines (data parallel) are averaged, not added.
+    if series is None or not series.values:
+        return None
+    return sum(series.values) / len(series.values)
+
+
+def _label_int(labels: dict[str, str], key: str) -> int | None:
+    text = labels.get(key, "")
+    try:
+        return int(float(text))  # vLLM renders some as "16" and unset ones as "None"
+    except ValueError:
+        return None
+
+
+def _cache_config(series: _Series | None) -> tuple[int | None, int | None]:
+    """block_size (first engine's) and num_gpu_blocks (summed over engines) from the info gauge."""
+    if series is None:
+        return None, None
+    sizes = [_label_int(labels, "block_size") for labels in series.labels]
+    blocks = [_label_int(labels, "num_gpu_blocks") for labels in series.labels]
+    block_size = next((s for s in sizes if s is not None), None)
+    known = [b for b in blocks if b is not None]
+    return block_size, (sum(known) if known else None)
+
+
+def parse_metrics(text: str) -> ScrapedMetrics:
+    """Prometheus exposition text -> ScrapedMetrics; ValueError without a known queue metric."""
+    try:
+        found = _collect(text)
+    except Exception as exc:  # the parser raises ValueError, IndexError, ... on malformed text
+        raise ValueError(f"unparsable metrics text: {exc}") from exc
+    waiting = _sum(_first(found, WAITING))
+    if waiting is None:
+        raise ValueError(f"no queue metric ({' or '.join(WAITING)}) in the scraped text")
+    block_size, num_gpu_blocks = _cache_config(found.get(CACHE_CONFIG))
+    return ScrapedMetrics(
+        waiting=waiting,
+        running=_sum(_first(found, RUNNING)) or 0.0,
+        kv_usage=_mean(_first(found, KV_USAGE)),
+        block_size=block_size,
+        num_gpu_blocks=num_gpu_blocks,
+        prefix_hits=_sum(_first(found, PREFIX_HITS)),
+        prefix_queries=_sum(_first(found, PREFIX_QUERIES)),
+    )
+
+
+# --- the live loop ------------------------------------------------------------------------------
+
+# (replica name, metrics or None, started_at) -> None; the driver adds `now` itself.
+ScrapeSink = Callable[[str, ScrapedMetrics | None, float], None]
+
+
+class Scraper:
+    """One polling task per replica; the period is measured from scrape start to scrape start."""
+
+    def __init__(
+        self,
+        replicas: Sequence[ReplicaSpec],
+        *,
+        interval_s: float,
+        timeout_s: float,
+        sink: ScrapeSink,
+        clock: Callable[[], float],
+        on_error: Callable[[str], None] | None = None,
+    ) -> None:
+        self._replicas = tuple(replicas)
+        self._interval_s = interval_s
+        self._timeout = aiohttp.ClientTimeout(total=timeout_s)
+        self._sink = sink
+        self._clock = clock
+        self._on_error = on_error
+        self._session: aiohttp.ClientSession | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+
+    async def start(self) -> None:
+        # One session (one connection pool) for every replica; keep-alive saves a handshake a poll.
+        self._session = aiohttp.ClientSession(timeout=self._timeout)
+        self._tasks = [
+            asyncio.create_task(self._loop(replica), name=f"scrape-{replica.name}")
+            for replica in self._replicas
+        ]
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks = []
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def scrape_once(self, replica: ReplicaSpec) -> ScrapedMetrics | None:
+        """Fetch and parse one replica's metrics; None (logged, counted) on any failure."""
+        assert self._session is not None, "start() first"
+        try:
+            async with self._session.get(replica.metrics_url) as response:
+                response.raise_for_status()
+                text = await response.text()
+            return parse_metrics(text)
+        except (aiohttp.ClientError, TimeoutError, ValueError, UnicodeDecodeError) as exc:
+            log.debug("scrape of %s failed: %r", replica.name, exc)
+            if self._on_error is not None:
+                self._on_error(replica.name)
+            return None
+
+    async def _loop(self, replica: ReplicaSpec) -> None:
+        next_at = self._clock()
+        while True:
+            started = self._clock()
+            metrics = await self.scrape_once(replica)
+            try:
+                self._sink(replica.name, metrics, started)
+            except Exception:  # a bug downstream must not silence this replica for good
+                log.exception("scrape sink failed for %s", replica.name)
+            # Schedule from the previous slot, so a slow scrape does not stretch the period; if we
+            # fell behind by more than a period, restart from now rather than burst to catch up.
+            next_at = max(next_at + self._interval_s, self._clock())
+            await asyncio.sleep(max(0.0, next_at - self._clock()))
