@@ -1,0 +1,95 @@
+"""Selection helpers and parameter parsing shared by the policies.
+
+Kept apart from `base.py` (which imports every policy for its registry) so that policy modules
+can import these without an import cycle. Every helper is deterministic: ties go to the fewest
+in-flight requests, then to the order of `snapshot.replicas` (config order).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+from skylb_extproc.errors import ConfigError
+from skylb_extproc.types import Outcome, Reject, ReplicaView, Route, Snapshot
+
+__all__ = [
+    "ParamReader",
+    "best_match",
+    "least_loaded",
+    "matched_fraction",
+    "no_replica",
+    "route",
+]
+
+
+def matched_fraction(view: ReplicaView, snapshot: Snapshot) -> float:
+    """Share of the prompt's characters `view` already holds (0 for an empty prompt, <= 1)."""
+    if snapshot.prompt_chars <= 0:
+        return 0.0
+    return min(1.0, view.matched_blocks * snapshot.block_chars / snapshot.prompt_chars)
+
+
+def least_loaded(views: Iterable[ReplicaView]) -> ReplicaView | None:
+    """Fewest in-flight; ties by position (min keeps the first of equals)."""
+    return min(views, key=lambda v: v.in_flight, default=None)
+
+
+def best_match(views: Iterable[ReplicaView]) -> ReplicaView | None:
+    """Most matched blocks, then fewest in-flight, then position; None if nothing matched."""
+    matched = [v for v in views if v.matched_blocks > 0]
+    return min(matched, key=lambda v: (-v.matched_blocks, v.in_flight), default=None)
+
+
+def route(view: ReplicaView, reason: str) -> Route:
+    return Route(replica=view.name, address=view.address, reason=reason)
+
+
+def no_replica(policy: str) -> Reject:
+    """The 503 a pushing (non-waiting) policy answers when no replica is healthy."""
+    return Reject(503, Outcome.NO_REPLICA, f"no healthy replica ({policy})")
+
+
+class ParamReader:
+    """Reads `policy.params`, rejecting wrong types, bad ranges and unknown keys by key path."""
+
+    def __init__(self, params: Mapping[str, object]) -> None:
+        self._params = params
+        self._seen: set[str] = set()
+
+    def number(self, key: str, default: float, *, low: float, high: float = float("inf")) -> float:
+        """A real number in [low, high]; ints are accepted, bools are not."""
+        value = self._take(key, default)
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(self._path(key), f"must be a number, got {value!r}")
+        if not low <= value <= high:
+            raise ConfigError(self._path(key), f"must be in [{low}, {high}], got {value!r}")
+        return float(value)
+
+    def integer(self, key: str, default: int, *, low: int) -> int:
+        """An int >= low (bools and floats are rejected)."""
+        value = self._take(key, default)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(self._path(key), f"must be an integer, got {value!r}")
+        if value < low:
+            raise ConfigError(self._path(key), f"must be >= {low}, got {value!r}")
+        return value
+
+    def flag(self, key: str, default: bool) -> bool:
+        value = self._take(key, default)
+        if not isinstance(value, bool):
+            raise ConfigError(self._path(key), f"must be true or false, got {value!r}")
+        return value
+
+    def finish(self) -> None:
+        """Raise for the first key no reader asked for (sorted, so the message is stable)."""
+        unknown = sorted(set(self._params) - self._seen)
+        if unknown:
+            raise ConfigError(self._path(unknown[0]), "unknown parameter")
+
+    def _take(self, key: str, default: object) -> object:
+        self._seen.add(key)
+        return self._params.get(key, default)
+
+    @staticmethod
+    def _path(key: str) -> str:
+        return f"policy.params.{key}"

@@ -1,0 +1,65 @@
+"""`skylb`: SkyLB's local step — selective pushing with prefix affinity (the default policy).
+
+Algorithm (SkyLB paper §3.3 + its `PrefixTreePolicy`, as evaluated in the final config):
+  1. Candidates are the AVAILABLE replicas: healthy and without a pending request (the engine
+     can still batch more). None available -> `Wait`: the request stays in the balancer's FIFO
+     queue and is decided again on the next event (scrape, start, finish, timer). It is never
+     rejected here; the queue's deadline bounds the wait (503 DEADLINE).
+  2. If the best prefix match among candidates covers more than `cache_threshold` of the prompt
+     (matched_blocks * block_chars / prompt_chars, strictly greater, as SkyLB/SGLang) -> the
+     best-matching candidate; ties by fewest in-flight, then config order. reason "prefix".
+  3. Else the least in-flight candidate (ties in config order): a low match is the moment to
+     explore an under-used replica (paper §5.1). reason "least_load".
+
+There is no load-imbalance override: SkyLB enables it only for its blind-pushing variants, and
+selective pushing already keeps every replica at its own capacity.
+
+Parameters: `cache_threshold` (float in [0, 1], default 0.5 — SkyLB's `PrefixTreeConfig`).
+Reads: `ReplicaView.available`, `.matched_blocks`, `.in_flight`; `Snapshot.prompt_chars`,
+`.block_chars`. Ignores `rng` (ties are deterministic).
+Decisions: `Route` or `Wait`; never `Reject`.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Mapping
+
+from skylb_extproc.policy.common import (
+    ParamReader,
+    best_match,
+    least_loaded,
+    matched_fraction,
+    route,
+)
+from skylb_extproc.types import Decision, RouteRequest, Snapshot, Wait
+
+__all__ = ["SkyLBPolicy", "create"]
+
+
+class SkyLBPolicy:
+    """Prefix affinity among available replicas; waits when none is available."""
+
+    name = "skylb"
+    waits = True
+
+    def __init__(self, *, cache_threshold: float = 0.5) -> None:
+        self.cache_threshold = cache_threshold
+
+    def decide(self, request: RouteRequest, snapshot: Snapshot, rng: random.Random) -> Decision:
+        candidates = [v for v in snapshot.replicas if v.available]
+        if not candidates:
+            return Wait()
+        best = best_match(candidates)
+        if best is not None and matched_fraction(best, snapshot) > self.cache_threshold:
+            return route(best, "prefix")
+        chosen = least_loaded(candidates)
+        assert chosen is not None  # candidates is not empty
+        return route(chosen, "least_load")
+
+
+def create(params: Mapping[str, object]) -> SkyLBPolicy:
+    reader = ParamReader(params)
+    policy = SkyLBPolicy(cache_threshold=reader.number("cache_threshold", 0.5, low=0.0, high=1.0))
+    reader.finish()
+    return policy

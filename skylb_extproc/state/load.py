@@ -1,0 +1,180 @@
+"""What the balancer knows about each replica's load: scraped metrics plus its own dispatches.
+
+SkyLB's selective pushing sends a request only to an *available* replica, one with no pending
+(waiting, not yet batched) request, learned from `vllm:num_requests_waiting` every 100 ms. Between
+two scrapes nothing stopped SkyLB's code from sending a burst to the same replica. Here the
+balancer also counts its own dispatches: one that has not started (no response headers yet) and
+was sent after the start of the last successful scrape is pending, because that scrape cannot have
+seen it. A dispatch sent before the scrape began is already inside the scraped numbers.
+
+Rules (docs/internals.md):
+- healthy: the last scrape succeeded and is younger than `stale_after_s` (measured from the
+  moment the result arrived). Never scraped = unhealthy; a failed scrape = unhealthy at once.
+- pending = scraped waiting + our unstarted dispatches sent at or after the last successful
+  scrape's start (at the same instant we cannot know the order, so count it: be conservative).
+- available = healthy and pending <= max_pending.
+- in_flight = dispatched and not finished.
+
+A scrape result that began before the one already recorded is ignored: it is older news.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+from skylb_extproc.types import ReplicaSpec, ReplicaView, ScrapedMetrics
+
+__all__ = ["LoadTracker"]
+
+
+@dataclass
+class _Replica:
+    spec: ReplicaSpec
+    metrics: ScrapedMetrics | None = None  # last successful scrape
+    ok_at: float | None = None  # when the last successful scrape's result arrived
+    scrape_started_at: float | None = None  # start of the last recorded scrape (ok or failed)
+    failed: bool = True  # never scraped counts as failed
+    in_flight: set[str] = field(default_factory=set)
+    # Our unstarted dispatches the last successful scrape cannot have seen: id -> dispatched at.
+    unseen: dict[str, float] = field(default_factory=dict)
+
+
+class LoadTracker:
+    """Per-replica health, pending and in-flight counts; one per router."""
+
+    def __init__(
+        self, replicas: Sequence[ReplicaSpec], *, stale_after_s: float, max_pending: int
+    ) -> None:
+        if stale_after_s <= 0:
+            raise ValueError(f"stale_after_s must be > 0, got {stale_after_s}")
+        if max_pending < 0:
+            raise ValueError(f"max_pending must be >= 0, got {max_pending}")
+        self._replicas: dict[str, _Replica] = {}
+        for spec in replicas:
+            if spec.name in self._replicas:
+                raise ValueError(f"duplicate replica name {spec.name!r}")
+            self._replicas[spec.name] = _Replica(spec)
+        self._stale_after_s = stale_after_s
+        self._max_pending = max_pending
+        self._where: dict[str, str] = {}  # request id -> replica, while in flight
+
+    def on_dispatch(
+        self, replica: str, request_id: str, now: float, *, pending: bool = True
+    ) -> None:
+        """We sent `request_id` to `replica`.
+
+        `pending=False` for requests that never wait in the engine's queue (pass-through calls
+        such as GET /v1/models): they count as in flight but never make a replica unavailable.
+        """
+        state = self._get(replica)
+        self.on_finished(request_id, now)  # a reused id replaces the old record
+        self._where[request_id] = replica
+        state.in_flight.add(request_id)
+        if pending:
+            state.unseen[request_id] = now
+
+    def on_started(self, request_id: str, now: float) -> None:
+        """Response headers seen: the engine has taken the request, it no longer waits."""
+        replica = self._where.get(request_id)
+        if replica is not None:
+            self._replicas[replica].unseen.pop(request_id, None)
+
+    def on_finished(self, request_id: str, now: float) -> None:
+        """The stream ended, for any reason. Unknown ids are ignored (never dispatched)."""
+        replica = self._where.pop(request_id, None)
+        if replica is not None:
+            state = self._replicas[replica]
+            state.in_flight.discard(request_id)
+            state.unseen.pop(request_id, None)
+
+    def on_scrape(
+        self, replica: str, metrics: ScrapedMetrics | None, *, started_at: float, now: float
+    ) -> None:
+        """Record a scrape that began at `started_at` and ended at `now`; None = it failed."""
+        state = self._get(replica)
+        if state.scrape_started_at is not None and started_at < state.scrape_started_at:
+            return
+        state.scrape_started_at = started_at
+        if metrics is None:
+            state.failed = True
+            return
+        state.failed = False
+        state.metrics = metrics
+        state.ok_at = now
+        # Dispatches sent before this scrape began are inside its numbers from now on.
+        state.unseen = {rid: at for rid, at in state.unseen.items() if at >= started_at}
+
+    def views(
+        self, now: float, matched: Mapping[str, int] | None = None
+    ) -> tuple[ReplicaView, ...]:
+        """Every configured replica, in config order, as policies see it at `now`."""
+        matched = matched or {}
+        out: list[ReplicaView] = []
+        for name, state in self._replicas.items():
+            healthy = self._healthy(state, now)
+            pending = self._pending(state)
+            out.append(
+                ReplicaView(
+                    name=name,
+                    address=state.spec.address,
+                    healthy=healthy,
+                    available=healthy and pending <= self._max_pending,
+                    in_flight=len(state.in_flight),
+                    pending=pending,
+                    matched_blocks=matched.get(name, 0),
+                )
+            )
+        return tuple(out)
+
+    def replica(self, name: str) -> ReplicaSpec:
+        """The configured replica called `name` (KeyError if there is none)."""
+        return self._get(name).spec
+
+    def stale_at(self, now: float) -> float | None:
+        """The earliest instant after `now` at which a healthy replica turns stale, if any."""
+        instants = [
+            s.ok_at + self._stale_after_s
+            for s in self._replicas.values()
+            if self._healthy(s, now) and s.ok_at is not None
+        ]
+        return min(instants, default=None)
+
+    def state(self, now: float) -> list[dict[str, object]]:
+        """JSON-ready per-replica state for the admin /state endpoint."""
+        out: list[dict[str, object]] = []
+        for view in self.views(now):
+            state = self._replicas[view.name]
+            metrics = state.metrics
+            out.append(
+                {
+                    "name": view.name,
+                    "address": view.address,
+                    "healthy": view.healthy,
+                    "available": view.available,
+                    "in_flight": view.in_flight,
+                    "pending": view.pending,
+                    "waiting": None if metrics is None else metrics.waiting,
+                    "running": None if metrics is None else metrics.running,
+                    "kv_usage": None if metrics is None else metrics.kv_usage,
+                    "scrape_age_s": None if state.ok_at is None else now - state.ok_at,
+                }
+            )
+        return out
+
+    def _get(self, name: str) -> _Replica:
+        try:
+            return self._replicas[name]
+        except KeyError:
+            raise KeyError(f"unknown replica {name!r}") from None
+
+    def _healthy(self, state: _Replica, now: float) -> bool:
+        return (
+            not state.failed and state.ok_at is not None and now - state.ok_at < self._stale_after_s
+        )
+
+    def _pending(self, state: _Replica) -> int:
+        # ceil: any positive waiting gauge means the engine's batch is full.
+        scraped = 0 if state.metrics is None else math.ceil(state.metrics.waiting)
+        return scraped + len(state.unseen)

@@ -1,0 +1,132 @@
+"""LoadTracker rules: health, pending (own dispatches vs scrape start), availability."""
+
+from __future__ import annotations
+
+import pytest
+
+from skylb_extproc.state.load import LoadTracker
+from skylb_extproc.types import ReplicaSpec, ReplicaView, ScrapedMetrics
+
+SPECS = [
+    ReplicaSpec("r0", "10.0.0.0:8000", "http://10.0.0.0:8000/metrics"),
+    ReplicaSpec("r1", "10.0.0.1:8000", "http://10.0.0.1:8000/metrics"),
+]
+IDLE = ScrapedMetrics(waiting=0, running=0)
+
+
+def tracker(max_pending: int = 0) -> LoadTracker:
+    return LoadTracker(SPECS, stale_after_s=1.0, max_pending=max_pending)
+
+
+def view(t: LoadTracker, name: str, now: float) -> ReplicaView:
+    return next(x for x in t.views(now) if x.name == name)
+
+
+def test_never_scraped_is_unhealthy() -> None:
+    t = tracker()
+    assert [(x.name, x.healthy, x.available) for x in t.views(0.0)] == [
+        ("r0", False, False),
+        ("r1", False, False),
+    ]
+
+
+def test_staleness_and_failure() -> None:
+    t = tracker()
+    t.on_scrape("r0", IDLE, started_at=0.9, now=1.0)
+    assert view(t, "r0", 1.999).available
+    assert not view(t, "r0", 2.0).healthy  # exactly stale_after_s old
+    t.on_scrape("r0", IDLE, started_at=2.0, now=2.1)
+    assert view(t, "r0", 2.2).healthy
+    t.on_scrape("r0", None, started_at=2.2, now=2.3)
+    assert not view(t, "r0", 2.3).healthy
+
+
+def test_older_scrape_result_is_ignored() -> None:
+    t = tracker()
+    t.on_scrape("r0", IDLE, started_at=1.0, now=1.1)
+    t.on_scrape("r0", None, started_at=0.5, now=1.2)  # began before the recorded one
+    assert view(t, "r0", 1.2).healthy
+
+
+def test_scraped_waiting_makes_pending() -> None:
+    t = tracker()
+    t.on_scrape("r0", ScrapedMetrics(waiting=2, running=5), started_at=0.0, now=0.1)
+    x = view(t, "r0", 0.2)
+    assert (x.healthy, x.available, x.pending) == (True, False, 2)
+    t2 = tracker(max_pending=2)
+    t2.on_scrape("r0", ScrapedMetrics(waiting=2, running=5), started_at=0.0, now=0.1)
+    assert view(t2, "r0", 0.2).available
+
+
+def test_own_dispatch_pending_until_started_or_later_scrape() -> None:
+    t = tracker()
+    t.on_scrape("r0", IDLE, started_at=0.0, now=0.05)
+    t.on_dispatch("r0", "a", now=0.1)
+    assert (view(t, "r0", 0.1).pending, view(t, "r0", 0.1).available) == (1, False)
+    # A scrape that began before the dispatch cannot have seen it.
+    t.on_scrape("r0", IDLE, started_at=0.08, now=0.12)
+    assert view(t, "r0", 0.12).pending == 1
+    # One that began at/after it did: its numbers now include the request.
+    t.on_scrape("r0", IDLE, started_at=0.1, now=0.15)
+    assert view(t, "r0", 0.15).pending == 1
+    t.on_scrape("r0", IDLE, started_at=0.11, now=0.16)
+    assert view(t, "r0", 0.16).pending == 0 and view(t, "r0", 0.16).in_flight == 1
+    t.on_finished("a", now=0.2)
+    assert view(t, "r0", 0.2).in_flight == 0
+
+
+def test_started_clears_pending_finished_clears_in_flight() -> None:
+    t = tracker()
+    t.on_scrape("r1", IDLE, started_at=0.0, now=0.0)
+    t.on_dispatch("r1", "a", now=0.1)
+    t.on_dispatch("r1", "b", now=0.1, pending=False)
+    assert (view(t, "r1", 0.1).pending, view(t, "r1", 0.1).in_flight) == (1, 2)
+    t.on_started("a", now=0.2)
+    assert (view(t, "r1", 0.2).pending, view(t, "r1", 0.2).in_flight) == (0, 2)
+    t.on_finished("a", now=0.3)
+    t.on_finished("b", now=0.3)
+    t.on_finished("never-dispatched", now=0.3)
+    t.on_started("never-dispatched", now=0.3)
+    assert view(t, "r1", 0.3).in_flight == 0
+
+
+def test_views_carry_matches_in_config_order() -> None:
+    t = tracker()
+    assert [(x.name, x.matched_blocks) for x in t.views(0.0, {"r1": 3})] == [("r0", 0), ("r1", 3)]
+
+
+def test_stale_at_and_state() -> None:
+    t = tracker()
+    assert t.stale_at(0.0) is None
+    t.on_scrape("r1", ScrapedMetrics(waiting=0, running=3, kv_usage=0.5), started_at=0.0, now=0.2)
+    assert t.stale_at(0.5) == 1.2
+    assert t.stale_at(1.2) is None
+    state = t.state(0.5)
+    assert state[1].pop("scrape_age_s") == pytest.approx(0.3)
+    assert state[1] == {
+        "name": "r1",
+        "address": "10.0.0.1:8000",
+        "healthy": True,
+        "available": True,
+        "in_flight": 0,
+        "pending": 0,
+        "waiting": 0,
+        "running": 3,
+        "kv_usage": 0.5,
+    }
+    assert state[0]["healthy"] is False and state[0]["scrape_age_s"] is None
+
+
+def test_unknown_replica_and_bad_settings() -> None:
+    t = tracker()
+    with pytest.raises(KeyError):
+        t.on_dispatch("nope", "a", 0.0)
+    with pytest.raises(KeyError):
+        t.replica("nope")
+    assert t.replica("r0") == SPECS[0]
+    with pytest.raises(ValueError):
+        LoadTracker(SPECS + SPECS[:1], stale_after_s=1.0, max_pending=0)
+    with pytest.raises(ValueError):
+        LoadTracker(SPECS, stale_after_s=0.0, max_pending=0)
+    with pytest.raises(ValueError):
+        LoadTracker(SPECS, stale_after_s=1.0, max_pending=-1)

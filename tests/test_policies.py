@@ -1,0 +1,527 @@
+"""Table-driven policy tests: every case states the exact decision expected."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from skylb_extproc.errors import ConfigError
+from skylb_extproc.hashing import key_hash
+from skylb_extproc.policy.base import POLICY_NAMES, RoutingPolicy, make_policy
+from skylb_extproc.policy.consistent_hash import build_ring
+from skylb_extproc.types import (
+    Decision,
+    Outcome,
+    Reject,
+    ReplicaView,
+    Route,
+    RouteRequest,
+    Snapshot,
+    Wait,
+)
+
+REQUEST = RouteRequest(request_id="q", path="/v1/chat/completions", model="m", prompt="x")
+NO_REPLICA = Reject(503, Outcome.NO_REPLICA, "")  # compared without the message
+
+
+def v(
+    name: str,
+    *,
+    healthy: bool = True,
+    available: bool | None = None,
+    in_flight: int = 0,
+    matched: int = 0,
+) -> ReplicaView:
+    """A replica view; `available` defaults to `healthy`."""
+    return ReplicaView(
+        name=name,
+        address=f"10.0.0.{name[-1]}:8000",
+        healthy=healthy,
+        available=healthy if available is None else available,
+        in_flight=in_flight,
+        pending=0 if (available is None or available) else 1,
+        matched_blocks=matched,
+    )
+
+
+def snap(
+    *views: ReplicaView, prompt_chars: int = 640, decisions: int = 0, key: int | None = None
+) -> Snapshot:
+    """Blocks of 64 characters; the default prompt is 10 blocks long."""
+    return Snapshot(
+        replicas=views,
+        prompt_blocks=prompt_chars // 64,
+        prompt_chars=prompt_chars,
+        block_chars=64,
+        decisions=decisions,
+        key_hash=key,
+    )
+
+
+def r(name: str, reason: str) -> Route:
+    return Route(replica=name, address=f"10.0.0.{name[-1]}:8000", reason=reason)
+
+
+@dataclass(frozen=True)
+class Case:
+    id: str
+    policy: str
+    params: dict[str, object]
+    snapshot: Snapshot
+    expected: Decision
+
+
+def same(decision: Decision, expected: Decision) -> bool:
+    if isinstance(decision, Reject) and isinstance(expected, Reject):
+        return (decision.status, decision.outcome) == (expected.status, expected.outcome)
+    return decision == expected
+
+
+SKYLB = [
+    Case(
+        "all-pending-waits",
+        "skylb",
+        {},
+        snap(v("r0", available=False), v("r1", available=False)),
+        Wait(),
+    ),
+    Case(
+        "none-healthy-waits",
+        "skylb",
+        {},
+        snap(v("r0", healthy=False), v("r1", healthy=False)),
+        Wait(),
+    ),
+    Case("no-replicas-waits", "skylb", {}, snap(), Wait()),
+    Case(
+        "match-over-half",
+        "skylb",
+        {},
+        snap(v("r0"), v("r1", in_flight=5, matched=6)),
+        r("r1", "prefix"),
+    ),
+    # 5 blocks * 64 / 640 = 0.5 exactly: not strictly above the threshold.
+    Case(
+        "match-exactly-half",
+        "skylb",
+        {},
+        snap(v("r0", in_flight=1), v("r1", in_flight=5, matched=5), v("r2", in_flight=2)),
+        r("r0", "least_load"),
+    ),
+    Case(
+        "best-match-unavailable",
+        "skylb",
+        {},
+        snap(
+            v("r0", in_flight=3),
+            v("r1", available=False, matched=10),
+            v("r2", in_flight=1, matched=2),
+        ),
+        r("r2", "least_load"),
+    ),
+    Case(
+        "best-unavailable-second-high",
+        "skylb",
+        {},
+        snap(v("r0"), v("r1", available=False, matched=10), v("r2", in_flight=9, matched=8)),
+        r("r2", "prefix"),
+    ),
+    Case(
+        "unhealthy-match-ignored",
+        "skylb",
+        {},
+        snap(v("r0", healthy=False, matched=10), v("r1", in_flight=2)),
+        r("r1", "least_load"),
+    ),
+    Case(
+        "match-tie-fewer-in-flight",
+        "skylb",
+        {},
+        snap(v("r0", in_flight=2, matched=8), v("r1", in_flight=1, matched=8)),
+        r("r1", "prefix"),
+    ),
+    Case(
+        "match-tie-config-order",
+        "skylb",
+        {},
+        snap(v("r0"), v("r1", in_flight=1, matched=8), v("r2", in_flight=1, matched=8)),
+        r("r1", "prefix"),
+    ),
+    Case(
+        "longer-match-beats-load",
+        "skylb",
+        {},
+        snap(v("r0", in_flight=9, matched=9), v("r1", matched=8)),
+        r("r0", "prefix"),
+    ),
+    Case(
+        "least-load-tie-config-order",
+        "skylb",
+        {},
+        snap(v("r0", in_flight=1), v("r1"), v("r2")),
+        r("r1", "least_load"),
+    ),
+    Case(
+        "empty-prompt",
+        "skylb",
+        {},
+        snap(v("r0", in_flight=1), v("r1"), prompt_chars=0),
+        r("r1", "least_load"),
+    ),
+    Case(
+        "threshold-zero",
+        "skylb",
+        {"cache_threshold": 0.0},
+        snap(v("r0"), v("r1", in_flight=3, matched=1)),
+        r("r1", "prefix"),
+    ),
+    Case(
+        "threshold-one-never",
+        "skylb",
+        {"cache_threshold": 1.0},
+        snap(v("r0", in_flight=1), v("r1", in_flight=3, matched=10)),
+        r("r0", "least_load"),
+    ),
+]
+
+PREFIX_AFFINITY = [
+    Case("none-healthy", "prefix_affinity", {}, snap(v("r0", healthy=False)), NO_REPLICA),
+    Case("no-replicas", "prefix_affinity", {}, snap(), NO_REPLICA),
+    # 100 - 10 > 64 and 100 > 1.5 * 10: imbalance beats a full match.
+    Case(
+        "imbalanced",
+        "prefix_affinity",
+        {},
+        snap(v("r0", in_flight=100, matched=10), v("r1", in_flight=10)),
+        r("r1", "balance"),
+    ),
+    # 200 - 135 > 64 but 200 <= 1.5 * 135: balanced, so the match wins.
+    Case(
+        "abs-only-is-balanced",
+        "prefix_affinity",
+        {},
+        snap(v("r0", in_flight=200, matched=10), v("r1", in_flight=135)),
+        r("r0", "prefix"),
+    ),
+    # 64 - 0 is not > 64.
+    Case(
+        "abs-boundary",
+        "prefix_affinity",
+        {},
+        snap(v("r0", in_flight=64, matched=10), v("r1")),
+        r("r0", "prefix"),
+    ),
+    Case(
+        "abs-boundary-plus-one",
+        "prefix_affinity",
+        {},
+        snap(v("r0", in_flight=65, matched=10), v("r1")),
+        r("r1", "balance"),
+    ),
+    Case(
+        "unhealthy-load-ignored",
+        "prefix_affinity",
+        {},
+        snap(v("r0", healthy=False, in_flight=500), v("r1", matched=10), v("r2")),
+        r("r1", "prefix"),
+    ),
+    # 3 blocks * 64 / 640 = 0.3: not above SGLang's 0.3.
+    Case(
+        "match-at-threshold",
+        "prefix_affinity",
+        {},
+        snap(v("r0", in_flight=2, matched=3), v("r1", in_flight=1)),
+        r("r1", "least_load"),
+    ),
+    Case(
+        "match-above-threshold",
+        "prefix_affinity",
+        {},
+        snap(v("r0", in_flight=2, matched=4), v("r1", in_flight=1)),
+        r("r0", "prefix"),
+    ),
+    Case(
+        "pushes-to-unavailable",
+        "prefix_affinity",
+        {},
+        snap(v("r0", available=False, in_flight=4, matched=8), v("r1")),
+        r("r0", "prefix"),
+    ),
+    Case(
+        "least-load-tie-order",
+        "prefix_affinity",
+        {},
+        snap(v("r0", in_flight=1), v("r1"), v("r2")),
+        r("r1", "least_load"),
+    ),
+    Case(
+        "custom-thresholds",
+        "prefix_affinity",
+        {"balance_abs_threshold": 2, "balance_rel_threshold": 1.0},
+        snap(v("r0", in_flight=3, matched=10), v("r1")),
+        r("r1", "balance"),
+    ),
+]
+
+LEAST_LOAD = [
+    Case("none-healthy", "least_load", {}, snap(v("r0", healthy=False)), NO_REPLICA),
+    Case(
+        "fewest",
+        "least_load",
+        {},
+        snap(v("r0", in_flight=3), v("r1", in_flight=1), v("r2", in_flight=2)),
+        r("r1", "least_load"),
+    ),
+    Case(
+        "tie-config-order",
+        "least_load",
+        {},
+        snap(v("r0", in_flight=1), v("r1"), v("r2")),
+        r("r1", "least_load"),
+    ),
+    Case(
+        "unhealthy-skipped",
+        "least_load",
+        {},
+        snap(v("r0", healthy=False), v("r1", in_flight=7)),
+        r("r1", "least_load"),
+    ),
+    Case(
+        "ignores-match-and-pending",
+        "least_load",
+        {},
+        snap(v("r0", available=False), v("r1", in_flight=1, matched=10)),
+        r("r0", "least_load"),
+    ),
+]
+
+THREE = (v("r0"), v("r1"), v("r2"))
+ROUND_ROBIN = [
+    Case("none-healthy", "round_robin", {}, snap(v("r0", healthy=False)), NO_REPLICA),
+    *(
+        Case(
+            f"cursor-{n}",
+            "round_robin",
+            {},
+            snap(*THREE, decisions=n),
+            r(f"r{n % 3}", "round_robin"),
+        )
+        for n in range(4)
+    ),
+    Case(
+        "skips-unhealthy",
+        "round_robin",
+        {},
+        snap(v("r0"), v("r1", healthy=False), v("r2"), decisions=1),
+        r("r2", "round_robin"),
+    ),
+    Case(
+        "ignores-load",
+        "round_robin",
+        {},
+        snap(v("r0", in_flight=50), v("r1"), decisions=0),
+        r("r0", "round_robin"),
+    ),
+]
+
+# Golden ring walks for replicas r0, r1, r2 with 1024 virtual nodes (342 points each); the
+# clockwise order of distinct owners from each key. Frozen: a change reshuffles live sessions.
+ALICE, BOB, DAVE = key_hash("alice"), key_hash("bob"), key_hash("dave")
+ALICE_WALK, BOB_WALK, DAVE_WALK = ("r2", "r1", "r0"), ("r0", "r2", "r1"), ("r0", "r1", "r2")
+SEL: dict[str, object] = {"selective": True}
+CONSISTENT_HASH = [
+    Case("alice", "consistent_hash", {}, snap(*THREE, key=ALICE), r("r2", "hash")),
+    Case("bob", "consistent_hash", {}, snap(*THREE, key=BOB), r("r0", "hash")),
+    Case(
+        "alice-r2-down",
+        "consistent_hash",
+        {},
+        snap(v("r0"), v("r1"), v("r2", healthy=False), key=ALICE),
+        r("r1", "hash"),
+    ),
+    Case(
+        "alice-r2-r1-down",
+        "consistent_hash",
+        {},
+        snap(v("r0"), v("r1", healthy=False), v("r2", healthy=False), key=ALICE),
+        r("r0", "hash"),
+    ),
+    Case(
+        "bob-r0-down",
+        "consistent_hash",
+        {},
+        snap(v("r0", healthy=False), v("r1"), v("r2"), key=BOB),
+        r("r2", "hash"),
+    ),
+    Case(
+        "dave-r0-down",
+        "consistent_hash",
+        {},
+        snap(v("r0", healthy=False), v("r1"), v("r2"), key=DAVE),
+        r("r1", "hash"),
+    ),
+    Case(
+        "ring-point-owner",
+        "consistent_hash",
+        {},
+        snap(*THREE, key=key_hash("r17")),
+        r("r1", "hash"),
+    ),
+    Case(
+        "blind-ignores-pending",
+        "consistent_hash",
+        {},
+        snap(v("r0"), v("r1"), v("r2", available=False), key=ALICE),
+        r("r2", "hash"),
+    ),
+    Case(
+        "no-key-least-load",
+        "consistent_hash",
+        {},
+        snap(v("r0", in_flight=2), v("r1", in_flight=1), v("r2", in_flight=1)),
+        r("r1", "least_load"),
+    ),
+    Case(
+        "none-healthy", "consistent_hash", {}, snap(v("r0", healthy=False), key=ALICE), NO_REPLICA
+    ),
+    Case(
+        "selective-skips-pending",
+        "consistent_hash",
+        SEL,
+        snap(v("r0"), v("r1"), v("r2", available=False), key=ALICE),
+        r("r1", "hash"),
+    ),
+    Case(
+        "selective-waits",
+        "consistent_hash",
+        SEL,
+        snap(v("r0", available=False), v("r1", healthy=False), key=ALICE),
+        Wait(),
+    ),
+    Case(
+        "selective-no-key",
+        "consistent_hash",
+        SEL,
+        snap(v("r0", available=False), v("r1", in_flight=4), v("r2", in_flight=5)),
+        r("r1", "least_load"),
+    ),
+]
+
+CASES = SKYLB + PREFIX_AFFINITY + LEAST_LOAD + ROUND_ROBIN + CONSISTENT_HASH
+
+
+@pytest.mark.parametrize("case", CASES, ids=[f"{c.policy}:{c.id}" for c in CASES])
+def test_decision_table(case: Case) -> None:
+    policy = make_policy(case.policy, case.params)
+    decision = policy.decide(REQUEST, case.snapshot, random.Random(0))
+    assert same(decision, case.expected), decision
+
+
+def test_golden_walks_match_a_brute_force_ring() -> None:
+    """The frozen walks above agree with the ring's definition, computed the slow way."""
+    names = ("r0", "r1", "r2")
+    points = sorted((key_hash(f"{n}{i}"), n) for n in names for i in range(342))
+    for key, walk in ((ALICE, ALICE_WALK), (BOB, BOB_WALK), (DAVE, DAVE_WALK)):
+        clockwise = [n for p, n in points if p >= key] + [n for _, n in points]
+        assert tuple(dict.fromkeys(clockwise)) == walk
+
+
+@given(
+    key=st.integers(min_value=0, max_value=2**64 - 1),
+    up=st.lists(st.booleans(), min_size=1, max_size=5),
+    nodes=st.integers(min_value=1, max_value=64),
+)
+def test_ring_walk_is_first_eligible_point_clockwise(key: int, up: list[bool], nodes: int) -> None:
+    names = [f"s{i}" for i in range(len(up))]
+    views = tuple(
+        ReplicaView(n, n, healthy=ok, available=ok, in_flight=0, pending=0)
+        for n, ok in zip(names, up, strict=True)
+    )
+    policy = make_policy("consistent_hash", {"virtual_nodes": nodes})
+    decision = policy.decide(REQUEST, snap(*views, key=key), random.Random(0))
+    per = -(-nodes // len(names))
+    points = sorted((key_hash(f"{n}{i}"), j) for j, n in enumerate(names) for i in range(per))
+    clockwise = [j for p, j in points if p >= key] + [j for _, j in points]
+    eligible = [j for j in clockwise if up[j]]
+    if not eligible:
+        assert same(decision, NO_REPLICA)
+    else:
+        assert decision == Route(names[eligible[0]], names[eligible[0]], "hash")
+
+
+def test_ring_is_balanced_and_memoised() -> None:
+    points, owners = build_ring(("a", "b", "c"), 1024)
+    assert len(points) == 1026 and list(points) == sorted(points)
+    assert [owners.count(i) for i in range(3)] == [342, 342, 342]
+    assert build_ring(("a", "b", "c"), 1024) is build_ring(("a", "b", "c"), 1024)
+
+
+@pytest.mark.parametrize(
+    ("name", "waits"),
+    [
+        ("skylb", True),
+        ("prefix_affinity", False),
+        ("least_load", False),
+        ("round_robin", False),
+        ("consistent_hash", False),
+    ],
+)
+def test_registry_names_and_waits(name: str, waits: bool) -> None:
+    policy: RoutingPolicy = make_policy(name, {})
+    assert (policy.name, policy.waits) == (name, waits)
+
+
+def test_selective_consistent_hash_waits() -> None:
+    assert make_policy("consistent_hash", {"selective": True}).waits is True
+    assert set(POLICY_NAMES) == {
+        "skylb",
+        "prefix_affinity",
+        "least_load",
+        "round_robin",
+        "consistent_hash",
+    }
+
+
+def test_defaults() -> None:
+    skylb = make_policy("skylb", {})
+    assert vars(skylb) == {"cache_threshold": 0.5}
+    sglang = make_policy("prefix_affinity", {})
+    assert vars(sglang) == {
+        "cache_threshold": 0.3,
+        "balance_abs_threshold": 64,
+        "balance_rel_threshold": 1.5,
+    }
+    ch = make_policy("consistent_hash", {})
+    assert vars(ch) == {"virtual_nodes": 1024, "selective": False, "waits": False}
+
+
+@pytest.mark.parametrize(
+    ("name", "params", "path"),
+    [
+        ("nope", {}, "policy.name"),
+        ("skylb", {"cache_treshold": 0.4}, "policy.params.cache_treshold"),
+        ("skylb", {"cache_threshold": "high"}, "policy.params.cache_threshold"),
+        ("skylb", {"cache_threshold": True}, "policy.params.cache_threshold"),
+        ("skylb", {"cache_threshold": 1.5}, "policy.params.cache_threshold"),
+        ("prefix_affinity", {"balance_abs_threshold": 1.5}, "policy.params.balance_abs_threshold"),
+        ("prefix_affinity", {"balance_abs_threshold": -1}, "policy.params.balance_abs_threshold"),
+        ("prefix_affinity", {"balance_rel_threshold": -0.1}, "policy.params.balance_rel_threshold"),
+        ("least_load", {"x": 1}, "policy.params.x"),
+        ("round_robin", {"cache_threshold": 0.5}, "policy.params.cache_threshold"),
+        ("consistent_hash", {"virtual_nodes": 0}, "policy.params.virtual_nodes"),
+        ("consistent_hash", {"selective": "yes"}, "policy.params.selective"),
+    ],
+)
+def test_bad_params_name_the_key(name: str, params: dict[str, object], path: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        make_policy(name, params)
+    assert info.value.path == path
+
+
+def test_int_accepted_for_float_params() -> None:
+    policy = make_policy("skylb", {"cache_threshold": 1})
+    assert vars(policy) == {"cache_threshold": 1.0}
