@@ -1,0 +1,183 @@
+"""Cross-region spill: where the head of a region's queue goes when no local replica can take it.
+
+SkyLB's rule (paper Algorithm 1, research code `_probe_lb_status` + `_queue_processor`), kept
+sans-I/O so the live server and the virtual-time evaluator share it:
+
+1. This module is asked only when no local replica is available (the local policy said Wait) and
+   the request came from a local client: a forwarded request is never forwarded again.
+2. Candidate peers: `fresh` (a recent state summary), at least one available replica, queue
+   length <= `tau` (10, the code's `_STEAL_TRIGGER_THRESHOLD`) and <= our own queue length (in the
+   code, not in the paper: never push work to a region busier than us).
+3. `prefix` mode (SkyLB): a per-region `PrefixIndex` holds the prompts *we* forwarded to each
+   peer (cross-region prefix sharing is low, so our own history is the useful signal). If the
+   longest match among candidates covers more than `cache_threshold` (0.5, as the local step) of
+   the prompt, the best-matching candidate; ties by lowest load, then lowest RTT, then peer order.
+   Otherwise the candidate with the lowest load (then RTT, then order): a weak match is no
+   reason to pick a region.
+4. `hash` mode (SkyLB-CH): a ring of `virtual_nodes` points over every region, ours included so
+   that a key maps to the same region wherever it is decided; walk clockwise from the key's hash
+   to the first candidate. No key: lowest load, as the local CH policy does.
+5. No candidate: None, the request keeps waiting at home.
+
+Load of a region = its in-flight requests per replica (from its summary): regions of different
+sizes compare fairly, and it includes traffic other regions sent there, which our own count of
+forwarded requests (SkyLB's code) would miss.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+from skylb_extproc.policy.consistent_hash import build_ring
+from skylb_extproc.state.prefix_index import PrefixIndex
+
+__all__ = [
+    "Forward",
+    "RegionView",
+    "SpillPlanner",
+    "SpillSettings",
+    "candidates",
+    "choose_by_hash",
+    "choose_by_prefix",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class RegionView:
+    """A peer region as our last poll of its state saw it."""
+
+    name: str
+    queue_length: int
+    available_replicas: int
+    in_flight: tuple[int, ...]  # per replica
+    rtt_s: float  # one way, measured or configured
+    fresh: bool  # the summary is younger than the staleness bound
+
+    @property
+    def load(self) -> float:
+        """In-flight requests per replica."""
+        return sum(self.in_flight) / max(1, len(self.in_flight))
+
+
+@dataclass(frozen=True, slots=True)
+class Forward:
+    """Send the request to peer `region`'s balancer."""
+
+    region: str
+    reason: str  # "prefix" | "least_load" | "hash"
+    matched_blocks: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class SpillSettings:
+    mode: Literal["prefix", "hash"] = "prefix"
+    tau: int = 10
+    cache_threshold: float = 0.5
+    virtual_nodes: int = 1024
+    index_blocks_per_region: int = 200_000
+    index_ttl_s: float = 600.0
+
+
+def candidates(peers: Sequence[RegionView], *, our_queue: int, tau: int) -> list[RegionView]:
+    """Peers that may take a request now (rule 2), in the given order."""
+    return [
+        p
+        for p in peers
+        if p.fresh
+        and p.available_replicas >= 1
+        and p.queue_length <= tau
+        and p.queue_length <= our_queue
+    ]
+
+
+def _least_loaded(peers: Sequence[RegionView]) -> RegionView:
+    return min(peers, key=lambda p: (p.load, p.rtt_s))  # min keeps the first of equals
+
+
+def choose_by_prefix(
+    peers: Sequence[RegionView],
+    matched: Mapping[str, int],
+    *,
+    prompt_chars: int,
+    block_chars: int,
+    cache_threshold: float,
+) -> Forward | None:
+    """Rule 3 over already-filtered candidates; `matched` = region -> matched leading blocks."""
+    if not peers:
+        return None
+    best = max((matched.get(p.name, 0) for p in peers), default=0)
+    if best > 0 and prompt_chars > 0 and best * block_chars / prompt_chars > cache_threshold:
+        chosen = _least_loaded([p for p in peers if matched.get(p.name, 0) == best])
+        return Forward(chosen.name, "prefix", best)
+    chosen = _least_loaded(peers)
+    return Forward(chosen.name, "least_load", matched.get(chosen.name, 0))
+
+
+def choose_by_hash(
+    peers: Sequence[RegionView],
+    key_hash: int | None,
+    *,
+    ring_regions: Sequence[str],
+    virtual_nodes: int,
+) -> Forward | None:
+    """Rule 4 over already-filtered candidates; the ring covers `ring_regions`."""
+    if not peers:
+        return None
+    if key_hash is None:
+        return Forward(_least_loaded(peers).name, "least_load")
+    eligible = {p.name for p in peers}
+    names = tuple(ring_regions)
+    points, owners = build_ring(names, virtual_nodes)
+    start = bisect.bisect_left(points, key_hash)
+    for step in range(len(points)):
+        name = names[owners[(start + step) % len(points)]]
+        if name in eligible:
+            return Forward(name, "hash")
+    raise ValueError("a candidate region is missing from ring_regions")
+
+
+class SpillPlanner:
+    """One region's spill decisions plus the index of what it forwarded where."""
+
+    def __init__(self, region: str, regions: Sequence[str], settings: SpillSettings) -> None:
+        self.region = region
+        self.settings = settings
+        self._ring_regions = tuple(regions)
+        self._index = PrefixIndex(
+            max_blocks_per_target=settings.index_blocks_per_region, ttl_s=settings.index_ttl_s
+        )
+
+    def decide(
+        self,
+        peers: Sequence[RegionView],
+        *,
+        our_queue: int,
+        hashes: Sequence[int],
+        prompt_chars: int,
+        block_chars: int,
+        key_hash: int | None,
+        now: float,
+    ) -> Forward | None:
+        """Where the head of our queue goes, or None to keep it waiting. Records nothing."""
+        s = self.settings
+        ok = candidates([p for p in peers if p.name != self.region], our_queue=our_queue, tau=s.tau)
+        if s.mode == "hash":
+            return choose_by_hash(
+                ok, key_hash, ring_regions=self._ring_regions, virtual_nodes=s.virtual_nodes
+            )
+        matched = self._index.match(hashes, now) if ok else {}
+        return choose_by_prefix(
+            ok,
+            matched,
+            prompt_chars=prompt_chars,
+            block_chars=block_chars,
+            cache_threshold=s.cache_threshold,
+        )
+
+    def record(self, region: str, hashes: Sequence[int], now: float) -> None:
+        """We forwarded a prompt with these hashes to `region`."""
+        if self.settings.mode == "prefix":
+            self._index.insert(region, hashes, now)
