@@ -148,6 +148,8 @@ class Supervisor:
         """SIGTERM the child's group, SIGKILL it after `grace_s`."""
         _signal_group(child, signal.SIGTERM)
         _reap([child], time.monotonic() + grace_s)
+        if child in self.children:
+            self.children.remove(child)
 
     def stop_all(self, grace_s: float = 5.0) -> None:
         """Stop every child; SIGTERM all at once (newest first) so the grace periods overlap."""
