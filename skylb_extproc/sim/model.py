@@ -1,0 +1,405 @@
+"""A sans-I/O model of one vLLM V1 replica: continuous batching in virtual time.
+
+The engine is a pure state machine driven by `now` (seconds, any monotonic origin). The online
+simulated server (`sim/replica.py`) drives it in scaled wall time; the evaluator drives it in
+virtual time. Same calls give the same events.
+
+Scheduling, as vLLM V1's `vllm/v1/core/sched/scheduler.py` does it (research notes §4-§7):
+- One step at a time. A step is planned when the previous one ends (or when work arrives at an
+  idle engine) and its duration comes from the profile's step-time model (`sim/profiles.py`).
+- Phase 1 walks the RUNNING list in admission order: a decoding request needs 1 token, a
+  partially prefilled one the rest of its prompt, capped by the step's token budget. When blocks
+  run out, the last admitted running request is preempted (recompute: its blocks are freed and it
+  goes back to the head of the queue, keeping its generated tokens); possibly the request itself.
+- Phase 2 (only when nothing was preempted) admits WAITING requests in FIFO order while the budget
+  lasts and fewer than max_num_seqs run: the prefix cache is matched (full blocks, capped so at
+  least one token is recomputed, hence a full hit recomputes its last block), the uncached rest
+  is cut to the remaining budget (chunked prefill), and blocks must be allocatable, else the head
+  blocks the queue (FCFS).
+- Everything scheduled runs as one forward pass. When a request has computed all its known tokens
+  it samples one: the first is its FirstToken; it finishes after `max_tokens` (no EOS model).
+- Decode blocks are allocated one block at a time as sequences grow. Only prompt blocks are
+  hashed and cached (vLLM also caches full blocks of generated tokens; our outputs are filler).
+
+Cost: per step, work proportional to the scheduled batch. Tokens of one request produced by
+several steps inside one `advance` call are reported as one `Tokens` event.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from skylb_extproc.sim.kvcache import BlockPool, block_hashes, estimate_tokens
+from skylb_extproc.sim.profiles import Profile
+
+__all__ = [
+    "EngineMetrics",
+    "Finished",
+    "FirstToken",
+    "ReplicaEngine",
+    "SimEvent",
+    "Tokens",
+    "estimate_tokens",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class FirstToken:
+    """The request's first output token was sampled at `t` (end of its last prefill step)."""
+
+    request_id: str
+    t: float
+    cached_tokens: int
+    prompt_tokens: int
+
+
+@dataclass(frozen=True, slots=True)
+class Tokens:
+    """`n` more output tokens, the last of them sampled at `t`."""
+
+    request_id: str
+    t: float
+    n: int
+
+
+@dataclass(frozen=True, slots=True)
+class Finished:
+    """The request reached max_tokens at `t`; its blocks are freed (prompt blocks stay cached)."""
+
+    request_id: str
+    t: float
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int
+
+
+SimEvent = FirstToken | Tokens | Finished
+
+
+@dataclass(frozen=True, slots=True)
+class EngineMetrics:
+    """What vLLM's /metrics would show; prefix-cache counters are in tokens, as vLLM's are."""
+
+    waiting: int
+    running: int
+    kv_usage: float
+    prefix_cache_queries: int
+    prefix_cache_hits: int
+    num_gpu_blocks: int
+    block_size: int
+    prompt_tokens_total: int
+    generation_tokens_total: int
+    finished_length: int  # request_success_total{finished_reason="length"}
+    finished_abort: int  # request_success_total{finished_reason="abort"}
+    num_preemptions: int
+
+
+@dataclass(slots=True, eq=False)
+class _Request:
+    rid: str
+    prompt_tokens: int
+    max_tokens: int
+    hashes: tuple[int, ...]
+    num_computed: int = 0
+    num_output: int = 0
+    cached_tokens: int = -1  # prefix hit at first admission (vLLM's num_cached_tokens)
+    preemptions: int = 0
+    cached_blocks: int = 0  # leading blocks of `blocks` registered in the prefix cache
+    done: bool = False
+    blocks: list[int] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return self.prompt_tokens + self.num_output
+
+
+@dataclass(slots=True)
+class _Step:
+    end: float
+    items: list[tuple[_Request, int]]
+
+
+@dataclass(slots=True)
+class _Counters:
+    queries: int = 0
+    hits: int = 0
+    prompt_tokens: int = 0
+    generation_tokens: int = 0
+    finished_length: int = 0
+    finished_abort: int = 0
+    preemptions: int = 0
+
+
+class ReplicaEngine:
+    """vLLM V1 continuous batching for one replica; see the module docstring for the algorithm."""
+
+    def __init__(self, profile: Profile, name: str) -> None:
+        self.profile = profile
+        self.name = name
+        self._bs = profile.block_size
+        self._pool = BlockPool(profile.num_gpu_blocks)
+        self._waiting: deque[_Request] = deque()
+        self._running: list[_Request] = []
+        self._requests: dict[str, _Request] = {}
+        self._step: _Step | None = None
+        self._free_at = 0.0  # when the scheduler can plan the next step
+        self._last_now = float("-inf")
+        self._events: list[SimEvent] = []
+        self._pending_tokens: dict[str, list[float]] = {}  # rid -> [count, t of last]
+        self._c = _Counters()
+
+    # --- public API -----------------------------------------------------------------------
+
+    def validate(self, prompt: str, max_tokens: int) -> int:
+        """Prompt tokens of a request the engine accepts; ValueError (vLLM's wording) otherwise."""
+        tokens = estimate_tokens(prompt)
+        limit = self.profile.max_model_len
+        if tokens == 0:
+            raise ValueError("The decoder prompt cannot be empty")
+        if max_tokens < 1:
+            raise ValueError(f"max_tokens must be at least 1, got {max_tokens}.")
+        if tokens >= limit:
+            raise ValueError(
+                f"This model's maximum context length is {limit} tokens. However, your request "
+                f"has {tokens} input tokens. Please reduce the length of the input messages."
+            )
+        if tokens + max_tokens > limit:
+            raise ValueError(
+                f"'max_tokens' or 'max_completion_tokens' is too large: {max_tokens}. This "
+                f"model's maximum context length is {limit} tokens and your request has {tokens} "
+                f"input tokens ({max_tokens} > {limit} - {tokens})."
+            )
+        return tokens
+
+    def add(self, request_id: str, prompt: str, max_tokens: int, now: float) -> None:
+        """Queue a request arriving at `now`; it joins the next step that starts at or after it."""
+        if request_id in self._requests:
+            raise ValueError(f"duplicate request id {request_id!r}")
+        tokens = self.validate(prompt, max_tokens)
+        self._run(now, include_start=False)
+        if self._step is None and not self._has_work():
+            self._free_at = now
+        req = _Request(request_id, tokens, max_tokens, block_hashes(prompt, self._bs))
+        self._requests[request_id] = req
+        self._waiting.append(req)
+
+    def next_event_time(self) -> float | None:
+        """End of the step in progress (planning it if work is pending); None when idle."""
+        if self._step is None and self._has_work():
+            self._begin_step(self._free_at)
+        return None if self._step is None else self._step.end
+
+    def advance(self, now: float) -> list[SimEvent]:
+        """Run every step that ends at or before `now`; return the events since the last call."""
+        self._run(now, include_start=True)
+        self._flush_tokens()
+        events, self._events = self._events, []
+        return events
+
+    def cancel(self, request_id: str, now: float) -> None:
+        """The client went away: drop the request, free its blocks; no event, unknown id = no-op."""
+        self._run(now, include_start=False)
+        req = self._requests.pop(request_id, None)
+        if req is None:
+            return
+        req.done = True
+        self._pending_tokens.pop(request_id, None)
+        if req in self._running:
+            self._running.remove(req)
+        else:
+            self._waiting.remove(req)
+        self._pool.free(req.blocks)
+        req.blocks = []
+        self._c.finished_abort += 1
+
+    def metrics(self) -> EngineMetrics:
+        c = self._c
+        return EngineMetrics(
+            waiting=len(self._waiting),
+            running=len(self._running),
+            kv_usage=self._pool.usage(),
+            prefix_cache_queries=c.queries,
+            prefix_cache_hits=c.hits,
+            num_gpu_blocks=self.profile.num_gpu_blocks,
+            block_size=self._bs,
+            prompt_tokens_total=c.prompt_tokens,
+            generation_tokens_total=c.generation_tokens,
+            finished_length=c.finished_length,
+            finished_abort=c.finished_abort,
+            num_preemptions=c.preemptions,
+        )
+
+    # --- time -------------------------------------------------------------------------------
+
+    def _has_work(self) -> bool:
+        return bool(self._waiting or self._running)
+
+    def _run(self, now: float, *, include_start: bool) -> None:
+        """Finish steps ending at or before `now`, planning the ones that start before it.
+
+        A step starting exactly at `now` is planned only by `advance` (include_start), so that
+        several requests added at the same instant share their first step.
+        """
+        if now < self._last_now:
+            raise ValueError(f"time went backwards: {now} < {self._last_now}")
+        self._last_now = now
+        while True:
+            if self._step is None:
+                start = self._free_at
+                if not self._has_work() or start > now or (start == now and not include_start):
+                    return
+                self._begin_step(start)
+            assert self._step is not None
+            if self._step.end > now:
+                return
+            self._finish_step(self._step)
+
+    # --- planning a step --------------------------------------------------------------------
+
+    def _begin_step(self, start: float) -> None:
+        budget = self.profile.max_num_batched_tokens
+        items: list[tuple[_Request, int]] = []
+        preempted = False
+        i = 0
+        while i < len(self._running) and budget > 0:
+            req = self._running[i]
+            n = min(req.num_tokens - req.num_computed, budget)
+            scheduled, any_preempted = self._grow(req, n)
+            preempted = preempted or any_preempted
+            if not scheduled:
+                break
+            items.append((req, n))
+            budget -= n
+            i += 1
+        if not preempted:
+            budget = self._admit(items, budget)
+        if not items:
+            raise RuntimeError("scheduler made no progress")  # unreachable: see validate()
+        self._step = _Step(start + self._step_seconds(items), items)
+
+    def _grow(self, req: _Request, n: int) -> tuple[bool, bool]:
+        """Allocate blocks for `n` more tokens of a running request, preempting from the tail.
+
+        Returns (scheduled, preempted_any); scheduled is False when `req` itself was preempted.
+        """
+        need = self._blocks_for(req.num_computed + n) - len(req.blocks)
+        preempted_any = False
+        while not self._pool.can_allocate(need, ()):
+            victim = self._running.pop()
+            self._preempt(victim)
+            preempted_any = True
+            if victim is req:
+                return False, True
+        req.blocks.extend(self._pool.allocate(need))
+        self._cache_full_blocks(req, req.num_computed + n)
+        return True, preempted_any
+
+    def _preempt(self, req: _Request) -> None:
+        self._pool.free(req.blocks)
+        req.blocks = []
+        req.num_computed = 0
+        req.cached_blocks = 0
+        req.preemptions += 1
+        self._c.preemptions += 1
+        self._waiting.appendleft(req)
+
+    def _admit(self, items: list[tuple[_Request, int]], budget: int) -> int:
+        """Admit waiting requests FCFS while budget, sequence slots and blocks allow."""
+        while self._waiting and budget > 0 and len(self._running) < self.profile.max_num_seqs:
+            req = self._waiting[0]
+            hits = self._pool.match(req.hashes, (req.num_tokens - 1) // self._bs)
+            cached = len(hits) * self._bs
+            n = min(req.num_tokens - cached, budget)
+            need = self._blocks_for(cached + n) - len(hits)
+            if not self._pool.can_allocate(need, hits):
+                break
+            self._pool.touch(hits)
+            req.blocks = hits + self._pool.allocate(need)
+            req.num_computed = cached
+            req.cached_blocks = len(hits)
+            self._cache_full_blocks(req, cached + n)
+            if req.preemptions == 0:  # vLLM counts re-admitted requests apart
+                self._c.queries += req.num_tokens
+                self._c.hits += cached
+            if req.cached_tokens < 0:
+                req.cached_tokens = cached
+            self._waiting.popleft()
+            self._running.append(req)
+            items.append((req, n))
+            budget -= n
+        return budget
+
+    def _blocks_for(self, tokens: int) -> int:
+        return -(-tokens // self._bs)
+
+    def _cache_full_blocks(self, req: _Request, computed_after: int) -> None:
+        full = min(computed_after // self._bs, len(req.hashes))
+        for j in range(req.cached_blocks, full):
+            self._pool.cache(req.blocks[j], req.hashes[j])
+        req.cached_blocks = max(req.cached_blocks, full)
+
+    def _step_seconds(self, items: list[tuple[_Request, int]]) -> float:
+        decodes = tokens = 0
+        context = attn = 0.0
+        for req, n in items:
+            p = req.num_computed
+            tokens += n
+            context += p
+            if n == 1 and req.num_output > 0 and p == req.num_tokens - 1:
+                decodes += 1
+            else:
+                attn += n * (p + n / 2)
+        return self.profile.step_ms(decodes, tokens, context, attn) / 1000.0
+
+    # --- finishing a step -------------------------------------------------------------------
+
+    def _finish_step(self, step: _Step) -> None:
+        t = step.end
+        finished = False
+        for req, n in step.items:
+            if req.done:  # cancelled while the step ran
+                continue
+            req.num_computed += n
+            if req.num_computed < req.num_tokens:  # a prefill chunk, nothing sampled yet
+                continue
+            req.num_output += 1
+            self._c.generation_tokens += 1
+            self._on_token(req, t)
+            if req.num_output >= req.max_tokens:
+                self._finish(req, t)
+                finished = True
+        if finished:
+            self._running = [r for r in self._running if not r.done]
+        self._step = None
+        self._free_at = t
+
+    def _on_token(self, req: _Request, t: float) -> None:
+        if req.num_output == 1:
+            self._c.prompt_tokens += req.prompt_tokens
+            self._events.append(FirstToken(req.rid, t, req.cached_tokens, req.prompt_tokens))
+            return
+        pending = self._pending_tokens.get(req.rid)
+        if pending is None:
+            self._pending_tokens[req.rid] = [1, t]
+        else:
+            pending[0] += 1
+            pending[1] = t
+
+    def _finish(self, req: _Request, t: float) -> None:
+        pending = self._pending_tokens.pop(req.rid, None)
+        if pending is not None:
+            self._events.append(Tokens(req.rid, pending[1], int(pending[0])))
+        self._events.append(
+            Finished(req.rid, t, req.prompt_tokens, req.num_output, req.cached_tokens)
+        )
+        req.done = True
+        del self._requests[req.rid]
+        self._pool.free(req.blocks)
+        req.blocks = []
+        self._c.finished_length += 1
+
+    def _flush_tokens(self) -> None:
+        for rid, (count, t) in self._pending_tokens.items():
+            self._events.append(Tokens(rid, t, int(count)))
+        self._pending_tokens.clear()
