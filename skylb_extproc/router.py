@@ -1,0 +1,232 @@
+"""The routing core: parse result in, dispatches out; no clock, no I/O, no threads.
+
+The driver (the asyncio server, or the virtual-time evaluator) feeds events with their `now`:
+a request became known, a response started, a stream ended, a scrape finished, a timer fired.
+Each call returns the `Dispatch`es that became possible at that instant, and the driver answers
+those streams. Dispatching is event-driven: the queue is polled on every event that can make a
+replica available (arrival, start, finish, scrape) and on the timer for deadlines, so a request
+never waits for a tick, unlike SkyLB's 10 ms loop.
+
+Per inference request: prompt -> chained block hashes (once) -> wait queue -> on each poll, the
+queue head is matched against the prefix index, the replicas' views are built, and the policy
+decides. `Route` pops it, counts the dispatch in the LoadTracker (so it is pending there until it
+starts or a scrape that began after it reports it: a burst between two scrapes cannot pile onto
+one replica) and records its hashes for the chosen replica in the prefix index (what SGLang and
+SkyLB do at dispatch). `Wait` stops the poll: FIFO, the head goes first. `Reject` pops it.
+
+Non-inference requests (GET /v1/models, ...) never queue: least in-flight healthy replica, not
+counted as pending (they never wait in an engine's batch queue), else 503 NO_REPLICA.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from skylb_extproc.dispatch.queue import Queued, WaitQueue
+from skylb_extproc.hashing import block_hashes, key_hash
+from skylb_extproc.policy.base import RoutingPolicy
+from skylb_extproc.policy.common import least_loaded, matched_fraction
+from skylb_extproc.state.load import LoadTracker
+from skylb_extproc.state.prefix_index import PrefixIndex
+from skylb_extproc.types import (
+    Dispatch,
+    Outcome,
+    Reject,
+    ReplicaSpec,
+    Route,
+    RouteRequest,
+    ScrapedMetrics,
+    Snapshot,
+    Wait,
+)
+
+__all__ = ["Router", "RouterSettings"]
+
+QUEUE_FULL = Reject(429, Outcome.QUEUE_FULL, "the load balancer's queue is full")
+DEADLINE = Reject(503, Outcome.DEADLINE, "no replica became available in time")
+NO_REPLICA = Reject(503, Outcome.NO_REPLICA, "no healthy replica")
+SHUTDOWN = Reject(503, Outcome.SHUTDOWN, "the load balancer is shutting down")
+
+
+@dataclass(frozen=True, slots=True)
+class RouterSettings:
+    """The router's knobs; `config.Config.router_settings()` builds them from skylb.yaml."""
+
+    block_chars: int = 64
+    max_blocks: int = 4096
+    hash_salt: str = ""
+    index_blocks_per_replica: int = 200_000
+    index_ttl_s: float = 600.0
+    queue_max_length: int = 1024
+    queue_max_wait_s: float = 30.0
+    stale_after_s: float = 1.0
+    max_pending: int = 0
+
+
+class Router:
+    """Wires hashing, prefix index, load tracking, policy and wait queue; sans-I/O."""
+
+    def __init__(
+        self,
+        settings: RouterSettings,
+        replicas: Sequence[ReplicaSpec],
+        policy: RoutingPolicy,
+        rng: random.Random,
+    ) -> None:
+        if not replicas:
+            raise ValueError("a router needs at least one replica")
+        self._settings = settings
+        self._policy = policy
+        self._rng = rng
+        self._load = LoadTracker(
+            replicas, stale_after_s=settings.stale_after_s, max_pending=settings.max_pending
+        )
+        self._index = PrefixIndex(
+            max_blocks_per_target=settings.index_blocks_per_replica, ttl_s=settings.index_ttl_s
+        )
+        self._queue = WaitQueue(
+            max_length=settings.queue_max_length, max_wait_s=settings.queue_max_wait_s
+        )
+        self._decisions = 0  # policy Route decisions so far: the round-robin cursor
+        self._now = float("-inf")  # latest `now` seen, for next_deadline()
+        self._closed = False
+
+    # --- events ---------------------------------------------------------------------------------
+
+    def on_request(self, request: RouteRequest, now: float) -> list[Dispatch]:
+        """A request is known (headers, or the whole body): answer now or queue it."""
+        out = self._advance(now)
+        if self._closed:
+            out.append(Dispatch(request.request_id, SHUTDOWN))
+        elif not request.inference:
+            out.append(self._passthrough(request, now))
+        elif not self._queue.offer(request, self._hashes(request), now):
+            out.append(Dispatch(request.request_id, QUEUE_FULL))
+        else:
+            out.extend(self._poll(now))
+        return out
+
+    def on_started(self, request_id: str, now: float) -> list[Dispatch]:
+        """Response headers seen: the replica took the request, it no longer counts as pending."""
+        self._load.on_started(request_id, now)
+        return self._advance(now) + self._poll(now)
+
+    def on_finished(self, request_id: str, now: float) -> list[Dispatch]:
+        """The stream ended (any reason). Still queued = cancelled: no Dispatch for it."""
+        if self._queue.remove(request_id) is None:
+            self._load.on_finished(request_id, now)
+        return self._advance(now) + self._poll(now)
+
+    def on_scrape(
+        self, replica: str, metrics: ScrapedMetrics | None, *, started_at: float, now: float
+    ) -> list[Dispatch]:
+        """A scrape of `replica` that began at `started_at` ended at `now` (None: it failed)."""
+        self._load.on_scrape(replica, metrics, started_at=started_at, now=now)
+        return self._advance(now) + self._poll(now)
+
+    def on_timer(self, now: float) -> list[Dispatch]:
+        """Called at (or after) `next_deadline()`: expires overdue requests, then polls."""
+        return self._advance(now) + self._poll(now)
+
+    def shutdown(self, now: float) -> list[Dispatch]:
+        """Reject every queued request (503 SHUTDOWN) and every later one."""
+        out = self._advance(now)
+        self._closed = True
+        while self._queue.head() is not None:
+            entry = self._queue.pop()
+            out.append(Dispatch(entry.request.request_id, SHUTDOWN, now - entry.arrived))
+        return out
+
+    # --- queries --------------------------------------------------------------------------------
+
+    def next_deadline(self) -> float | None:
+        """The earliest queue deadline or instant a healthy replica turns stale, if any."""
+        instants = [self._queue.next_deadline(), self._load.stale_at(self._now)]
+        return min((t for t in instants if t is not None), default=None)
+
+    def state(self, now: float) -> dict[str, object]:
+        """JSON for the admin /state endpoint."""
+        return {
+            "replicas": self._load.state(now),
+            "queue_length": len(self._queue),
+            "policy": self._policy.name,
+        }
+
+    @property
+    def queue_length(self) -> int:
+        return len(self._queue)
+
+    # --- internals ------------------------------------------------------------------------------
+
+    def _advance(self, now: float) -> list[Dispatch]:
+        """Move the clock and reject requests whose deadline has come (503 DEADLINE)."""
+        self._now = max(self._now, now)
+        return [
+            Dispatch(entry.request.request_id, DEADLINE, now - entry.arrived)
+            for entry in self._queue.expire(now)
+        ]
+
+    def _poll(self, now: float) -> list[Dispatch]:
+        """Decide queue heads until one must wait (FIFO) or the queue is empty."""
+        out: list[Dispatch] = []
+        while (entry := self._queue.head()) is not None:
+            snapshot = self._snapshot(entry, now)
+            decision = self._policy.decide(entry.request, snapshot, self._rng)
+            if isinstance(decision, Wait):
+                break
+            self._queue.pop()
+            if isinstance(decision, Route):
+                out.append(self._dispatch(entry, decision, snapshot, now))
+            else:
+                out.append(Dispatch(entry.request.request_id, decision, now - entry.arrived))
+        return out
+
+    def _dispatch(self, entry: Queued, route: Route, snapshot: Snapshot, now: float) -> Dispatch:
+        """Record a Route: count it as in flight and pending, remember its prefix there."""
+        request_id = entry.request.request_id
+        self._load.on_dispatch(route.replica, request_id, now)
+        self._index.insert(route.replica, entry.hashes, now)
+        self._decisions += 1
+        chosen = next(v for v in snapshot.replicas if v.name == route.replica)
+        return Dispatch(
+            request_id,
+            route,
+            waited_s=now - entry.arrived,
+            matched_fraction=matched_fraction(chosen, snapshot),
+        )
+
+    def _snapshot(self, entry: Queued, now: float) -> Snapshot:
+        hashes, request = entry.hashes, entry.request
+        matched = self._index.match(hashes, now) if hashes else None
+        if request.hash_key:
+            key: int | None = key_hash(request.hash_key)
+        else:
+            key = hashes[0] if hashes else None  # the conversation's opening block
+        return Snapshot(
+            replicas=self._load.views(now, matched),
+            prompt_blocks=len(hashes),
+            prompt_chars=len(request.prompt),
+            block_chars=self._settings.block_chars,
+            decisions=self._decisions,
+            key_hash=key,
+        )
+
+    def _hashes(self, request: RouteRequest) -> tuple[int, ...]:
+        s = self._settings
+        return block_hashes(
+            request.prompt,
+            model=request.model,
+            block_chars=s.block_chars,
+            max_blocks=s.max_blocks,
+            salt=s.hash_salt,
+        )
+
+    def _passthrough(self, request: RouteRequest, now: float) -> Dispatch:
+        chosen = least_loaded(v for v in self._load.views(now) if v.healthy)
+        if chosen is None:
+            return Dispatch(request.request_id, NO_REPLICA)
+        self._load.on_dispatch(chosen.name, request.request_id, now, pending=False)
+        route = Route(replica=chosen.name, address=chosen.address, reason="passthrough")
+        return Dispatch(request.request_id, route)
