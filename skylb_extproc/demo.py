@@ -40,7 +40,12 @@ from skylb_extproc.config import (
 from skylb_extproc.envoy_config import EnvoySettings, envoy_command, write_envoy_config
 from skylb_extproc.procs import ChildError, Supervisor, free_port, wait_http_ready
 from skylb_extproc.types import ReplicaSpec
-from skylb_extproc.workload import chat_workload, format_summary, play_conversations
+from skylb_extproc.workload import (
+    DEFAULT_MODEL,
+    chat_workload,
+    format_summary,
+    play_conversations,
+)
 
 ENVOY_START_ATTEMPTS = 3  # free_port can race with another process; a retry picks new ports
 
@@ -262,7 +267,17 @@ def _wait_for_signal(sup: Supervisor) -> int:
                 return 1
 
 
-def _run_traffic(stack: RegionStack, args: argparse.Namespace, requests: int) -> int:
+def model_of(profile: str) -> str:
+    """The model name a simulated replica of `profile` serves (it checks requests against it)."""
+    from skylb_extproc.sim.profiles import PROFILES
+
+    known = PROFILES.get(profile)
+    return known.model if known else DEFAULT_MODEL
+
+
+def _run_traffic(
+    stack: RegionStack, opts: StackOptions, args: argparse.Namespace, requests: int
+) -> int:
     conversations = chat_workload(requests, seed=int(_arg(args, "seed", default=0)))
     started = time.monotonic()
     results = asyncio.run(
@@ -270,6 +285,7 @@ def _run_traffic(stack: RegionStack, args: argparse.Namespace, requests: int) ->
             stack.listener,
             conversations,
             concurrency=int(_arg(args, "concurrency", default=8)),
+            model=model_of(opts.profile),
         )
     )
     print(format_summary(results, elapsed_s=time.monotonic() - started), flush=True)
@@ -289,7 +305,9 @@ def main_demo(args: argparse.Namespace) -> int:
                 print(json.dumps({"regions": [stack.ready_json()]}), flush=True)
                 requests = int(_arg(args, "traffic", default=0))
                 code = (
-                    _run_traffic(stack, args, requests) if requests > 0 else _wait_for_signal(sup)
+                    _run_traffic(stack, opts, args, requests)
+                    if requests > 0
+                    else _wait_for_signal(sup)
                 )
             except _Stopped:
                 code = 0

@@ -186,6 +186,7 @@ class TurnResult:
     cached_tokens: int
     latency_s: float
     answer: str
+    started: float = 0.0  # time.monotonic() when the request was sent
     error: str | None = None  # set when the request failed (status, transport, broken stream)
     body: str = ""  # the raw response body of a failed request (error JSON), for tests
 
@@ -264,6 +265,7 @@ async def send_chat(
         cached_tokens=parsed.cached_tokens,
         latency_s=time.monotonic() - started,
         answer="".join(parsed.text),
+        started=started,
         error=parsed.error,
         body=parsed.raw,
     )
