@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import pytest
 from hypothesis import given
@@ -29,22 +29,19 @@ NO_REPLICA = Reject(503, Outcome.NO_REPLICA, "")  # compared without the message
 
 
 def v(
-    name: str,
-    *,
-    healthy: bool = True,
-    available: bool | None = None,
-    in_flight: int = 0,
-    matched: int = 0,
+    name: str, *, up: bool = True, free: bool | None = None, f: int = 0, m: int = 0
 ) -> ReplicaView:
-    """A replica view; `available` defaults to `healthy`."""
+    """A replica view: `up` healthy, `free` available (defaults to `up`), `f` in flight,
+    `m` matched blocks."""
+    available = up if free is None else free
     return ReplicaView(
         name=name,
         address=f"10.0.0.{name[-1]}:8000",
-        healthy=healthy,
-        available=healthy if available is None else available,
-        in_flight=in_flight,
-        pending=0 if (available is None or available) else 1,
-        matched_blocks=matched,
+        healthy=up,
+        available=available,
+        in_flight=f,
+        pending=0 if available else 1,
+        matched_blocks=m,
     )
 
 
@@ -70,9 +67,9 @@ def r(name: str, reason: str) -> Route:
 class Case:
     id: str
     policy: str
-    params: dict[str, object]
     snapshot: Snapshot
     expected: Decision
+    params: dict[str, object] = field(default_factory=dict)
 
 
 def same(decision: Decision, expected: Decision) -> bool:
@@ -81,335 +78,107 @@ def same(decision: Decision, expected: Decision) -> bool:
     return decision == expected
 
 
+S, PA, LL, RR, CH = "skylb", "prefix_affinity", "least_load", "round_robin", "consistent_hash"
+WAIT = Wait()
+R0, R1, R2 = v("r0"), v("r1"), v("r2")
+THREE = (R0, R1, R2)
+
+# fmt: off
 SKYLB = [
-    Case(
-        "all-pending-waits",
-        "skylb",
-        {},
-        snap(v("r0", available=False), v("r1", available=False)),
-        Wait(),
-    ),
-    Case(
-        "none-healthy-waits",
-        "skylb",
-        {},
-        snap(v("r0", healthy=False), v("r1", healthy=False)),
-        Wait(),
-    ),
-    Case("no-replicas-waits", "skylb", {}, snap(), Wait()),
-    Case(
-        "match-over-half",
-        "skylb",
-        {},
-        snap(v("r0"), v("r1", in_flight=5, matched=6)),
-        r("r1", "prefix"),
-    ),
+    Case("all-pending-waits", S, snap(v("r0", free=False), v("r1", free=False)), WAIT),
+    Case("none-healthy-waits", S, snap(v("r0", up=False), v("r1", up=False)), WAIT),
+    Case("no-replicas-waits", S, snap(), WAIT),
+    Case("match-over-half", S, snap(R0, v("r1", f=5, m=6)), r("r1", "prefix")),
     # 5 blocks * 64 / 640 = 0.5 exactly: not strictly above the threshold.
-    Case(
-        "match-exactly-half",
-        "skylb",
-        {},
-        snap(v("r0", in_flight=1), v("r1", in_flight=5, matched=5), v("r2", in_flight=2)),
-        r("r0", "least_load"),
-    ),
-    Case(
-        "best-match-unavailable",
-        "skylb",
-        {},
-        snap(
-            v("r0", in_flight=3),
-            v("r1", available=False, matched=10),
-            v("r2", in_flight=1, matched=2),
-        ),
-        r("r2", "least_load"),
-    ),
-    Case(
-        "best-unavailable-second-high",
-        "skylb",
-        {},
-        snap(v("r0"), v("r1", available=False, matched=10), v("r2", in_flight=9, matched=8)),
-        r("r2", "prefix"),
-    ),
-    Case(
-        "unhealthy-match-ignored",
-        "skylb",
-        {},
-        snap(v("r0", healthy=False, matched=10), v("r1", in_flight=2)),
-        r("r1", "least_load"),
-    ),
-    Case(
-        "match-tie-fewer-in-flight",
-        "skylb",
-        {},
-        snap(v("r0", in_flight=2, matched=8), v("r1", in_flight=1, matched=8)),
-        r("r1", "prefix"),
-    ),
-    Case(
-        "match-tie-config-order",
-        "skylb",
-        {},
-        snap(v("r0"), v("r1", in_flight=1, matched=8), v("r2", in_flight=1, matched=8)),
-        r("r1", "prefix"),
-    ),
-    Case(
-        "longer-match-beats-load",
-        "skylb",
-        {},
-        snap(v("r0", in_flight=9, matched=9), v("r1", matched=8)),
-        r("r0", "prefix"),
-    ),
-    Case(
-        "least-load-tie-config-order",
-        "skylb",
-        {},
-        snap(v("r0", in_flight=1), v("r1"), v("r2")),
-        r("r1", "least_load"),
-    ),
-    Case(
-        "empty-prompt",
-        "skylb",
-        {},
-        snap(v("r0", in_flight=1), v("r1"), prompt_chars=0),
-        r("r1", "least_load"),
-    ),
-    Case(
-        "threshold-zero",
-        "skylb",
-        {"cache_threshold": 0.0},
-        snap(v("r0"), v("r1", in_flight=3, matched=1)),
-        r("r1", "prefix"),
-    ),
-    Case(
-        "threshold-one-never",
-        "skylb",
-        {"cache_threshold": 1.0},
-        snap(v("r0", in_flight=1), v("r1", in_flight=3, matched=10)),
-        r("r0", "least_load"),
-    ),
+    Case("match-exactly-half", S, snap(v("r0", f=1), v("r1", f=5, m=5), v("r2", f=2)),
+         r("r0", "least_load")),
+    Case("best-match-unavailable", S,
+         snap(v("r0", f=3), v("r1", free=False, m=10), v("r2", f=1, m=2)), r("r2", "least_load")),
+    Case("second-best-still-high", S,
+         snap(R0, v("r1", free=False, m=10), v("r2", f=9, m=8)), r("r2", "prefix")),
+    Case("unhealthy-match-ignored", S, snap(v("r0", up=False, m=10), v("r1", f=2)),
+         r("r1", "least_load")),
+    Case("match-tie-fewer-in-flight", S, snap(v("r0", f=2, m=8), v("r1", f=1, m=8)),
+         r("r1", "prefix")),
+    Case("match-tie-config-order", S, snap(R0, v("r1", f=1, m=8), v("r2", f=1, m=8)),
+         r("r1", "prefix")),
+    Case("longer-match-beats-load", S, snap(v("r0", f=9, m=9), v("r1", m=8)), r("r0", "prefix")),
+    Case("least-load-tie-order", S, snap(v("r0", f=1), R1, R2), r("r1", "least_load")),
+    Case("empty-prompt", S, snap(v("r0", f=1), R1, prompt_chars=0), r("r1", "least_load")),
+    Case("threshold-zero", S, snap(R0, v("r1", f=3, m=1)), r("r1", "prefix"),
+         {"cache_threshold": 0.0}),
+    Case("threshold-one-never", S, snap(v("r0", f=1), v("r1", f=3, m=10)),
+         r("r0", "least_load"), {"cache_threshold": 1.0}),
 ]
 
 PREFIX_AFFINITY = [
-    Case("none-healthy", "prefix_affinity", {}, snap(v("r0", healthy=False)), NO_REPLICA),
-    Case("no-replicas", "prefix_affinity", {}, snap(), NO_REPLICA),
+    Case("none-healthy", PA, snap(v("r0", up=False)), NO_REPLICA),
+    Case("no-replicas", PA, snap(), NO_REPLICA),
     # 100 - 10 > 64 and 100 > 1.5 * 10: imbalance beats a full match.
-    Case(
-        "imbalanced",
-        "prefix_affinity",
-        {},
-        snap(v("r0", in_flight=100, matched=10), v("r1", in_flight=10)),
-        r("r1", "balance"),
-    ),
+    Case("imbalanced", PA, snap(v("r0", f=100, m=10), v("r1", f=10)), r("r1", "balance")),
     # 200 - 135 > 64 but 200 <= 1.5 * 135: balanced, so the match wins.
-    Case(
-        "abs-only-is-balanced",
-        "prefix_affinity",
-        {},
-        snap(v("r0", in_flight=200, matched=10), v("r1", in_flight=135)),
-        r("r0", "prefix"),
-    ),
-    # 64 - 0 is not > 64.
-    Case(
-        "abs-boundary",
-        "prefix_affinity",
-        {},
-        snap(v("r0", in_flight=64, matched=10), v("r1")),
-        r("r0", "prefix"),
-    ),
-    Case(
-        "abs-boundary-plus-one",
-        "prefix_affinity",
-        {},
-        snap(v("r0", in_flight=65, matched=10), v("r1")),
-        r("r1", "balance"),
-    ),
-    Case(
-        "unhealthy-load-ignored",
-        "prefix_affinity",
-        {},
-        snap(v("r0", healthy=False, in_flight=500), v("r1", matched=10), v("r2")),
-        r("r1", "prefix"),
-    ),
+    Case("abs-only-is-balanced", PA, snap(v("r0", f=200, m=10), v("r1", f=135)),
+         r("r0", "prefix")),
+    Case("abs-boundary", PA, snap(v("r0", f=64, m=10), R1), r("r0", "prefix")),  # 64 !> 64
+    Case("abs-boundary-plus-one", PA, snap(v("r0", f=65, m=10), R1), r("r1", "balance")),
+    Case("unhealthy-load-ignored", PA, snap(v("r0", up=False, f=500), v("r1", m=10), R2),
+         r("r1", "prefix")),
     # 3 blocks * 64 / 640 = 0.3: not above SGLang's 0.3.
-    Case(
-        "match-at-threshold",
-        "prefix_affinity",
-        {},
-        snap(v("r0", in_flight=2, matched=3), v("r1", in_flight=1)),
-        r("r1", "least_load"),
-    ),
-    Case(
-        "match-above-threshold",
-        "prefix_affinity",
-        {},
-        snap(v("r0", in_flight=2, matched=4), v("r1", in_flight=1)),
-        r("r0", "prefix"),
-    ),
-    Case(
-        "pushes-to-unavailable",
-        "prefix_affinity",
-        {},
-        snap(v("r0", available=False, in_flight=4, matched=8), v("r1")),
-        r("r0", "prefix"),
-    ),
-    Case(
-        "least-load-tie-order",
-        "prefix_affinity",
-        {},
-        snap(v("r0", in_flight=1), v("r1"), v("r2")),
-        r("r1", "least_load"),
-    ),
-    Case(
-        "custom-thresholds",
-        "prefix_affinity",
-        {"balance_abs_threshold": 2, "balance_rel_threshold": 1.0},
-        snap(v("r0", in_flight=3, matched=10), v("r1")),
-        r("r1", "balance"),
-    ),
+    Case("match-at-threshold", PA, snap(v("r0", f=2, m=3), v("r1", f=1)), r("r1", "least_load")),
+    Case("match-above-threshold", PA, snap(v("r0", f=2, m=4), v("r1", f=1)), r("r0", "prefix")),
+    Case("pushes-to-unavailable", PA, snap(v("r0", free=False, f=4, m=8), R1), r("r0", "prefix")),
+    Case("least-load-tie-order", PA, snap(v("r0", f=1), R1, R2), r("r1", "least_load")),
+    Case("custom-thresholds", PA, snap(v("r0", f=3, m=10), R1), r("r1", "balance"),
+         {"balance_abs_threshold": 2, "balance_rel_threshold": 1.0}),
 ]
 
 LEAST_LOAD = [
-    Case("none-healthy", "least_load", {}, snap(v("r0", healthy=False)), NO_REPLICA),
-    Case(
-        "fewest",
-        "least_load",
-        {},
-        snap(v("r0", in_flight=3), v("r1", in_flight=1), v("r2", in_flight=2)),
-        r("r1", "least_load"),
-    ),
-    Case(
-        "tie-config-order",
-        "least_load",
-        {},
-        snap(v("r0", in_flight=1), v("r1"), v("r2")),
-        r("r1", "least_load"),
-    ),
-    Case(
-        "unhealthy-skipped",
-        "least_load",
-        {},
-        snap(v("r0", healthy=False), v("r1", in_flight=7)),
-        r("r1", "least_load"),
-    ),
-    Case(
-        "ignores-match-and-pending",
-        "least_load",
-        {},
-        snap(v("r0", available=False), v("r1", in_flight=1, matched=10)),
-        r("r0", "least_load"),
-    ),
+    Case("none-healthy", LL, snap(v("r0", up=False)), NO_REPLICA),
+    Case("fewest", LL, snap(v("r0", f=3), v("r1", f=1), v("r2", f=2)), r("r1", "least_load")),
+    Case("tie-config-order", LL, snap(v("r0", f=1), R1, R2), r("r1", "least_load")),
+    Case("unhealthy-skipped", LL, snap(v("r0", up=False), v("r1", f=7)), r("r1", "least_load")),
+    Case("ignores-match-and-pending", LL, snap(v("r0", free=False), v("r1", f=1, m=10)),
+         r("r0", "least_load")),
 ]
 
-THREE = (v("r0"), v("r1"), v("r2"))
 ROUND_ROBIN = [
-    Case("none-healthy", "round_robin", {}, snap(v("r0", healthy=False)), NO_REPLICA),
-    *(
-        Case(
-            f"cursor-{n}",
-            "round_robin",
-            {},
-            snap(*THREE, decisions=n),
-            r(f"r{n % 3}", "round_robin"),
-        )
-        for n in range(4)
-    ),
-    Case(
-        "skips-unhealthy",
-        "round_robin",
-        {},
-        snap(v("r0"), v("r1", healthy=False), v("r2"), decisions=1),
-        r("r2", "round_robin"),
-    ),
-    Case(
-        "ignores-load",
-        "round_robin",
-        {},
-        snap(v("r0", in_flight=50), v("r1"), decisions=0),
-        r("r0", "round_robin"),
-    ),
+    Case("none-healthy", RR, snap(v("r0", up=False)), NO_REPLICA),
+    Case("cursor-0", RR, snap(*THREE, decisions=0), r("r0", "round_robin")),
+    Case("cursor-1", RR, snap(*THREE, decisions=1), r("r1", "round_robin")),
+    Case("cursor-2", RR, snap(*THREE, decisions=2), r("r2", "round_robin")),
+    Case("cursor-3", RR, snap(*THREE, decisions=3), r("r0", "round_robin")),
+    Case("skips-unhealthy", RR, snap(R0, v("r1", up=False), R2, decisions=1),
+         r("r2", "round_robin")),
+    Case("ignores-load", RR, snap(v("r0", f=50), R1), r("r0", "round_robin")),
 ]
 
-# Golden ring walks for replicas r0, r1, r2 with 1024 virtual nodes (342 points each); the
+# Golden ring walks for replicas r0, r1, r2 with 1024 virtual nodes (342 points each): the
 # clockwise order of distinct owners from each key. Frozen: a change reshuffles live sessions.
 ALICE, BOB, DAVE = key_hash("alice"), key_hash("bob"), key_hash("dave")
 ALICE_WALK, BOB_WALK, DAVE_WALK = ("r2", "r1", "r0"), ("r0", "r2", "r1"), ("r0", "r1", "r2")
 SEL: dict[str, object] = {"selective": True}
 CONSISTENT_HASH = [
-    Case("alice", "consistent_hash", {}, snap(*THREE, key=ALICE), r("r2", "hash")),
-    Case("bob", "consistent_hash", {}, snap(*THREE, key=BOB), r("r0", "hash")),
-    Case(
-        "alice-r2-down",
-        "consistent_hash",
-        {},
-        snap(v("r0"), v("r1"), v("r2", healthy=False), key=ALICE),
-        r("r1", "hash"),
-    ),
-    Case(
-        "alice-r2-r1-down",
-        "consistent_hash",
-        {},
-        snap(v("r0"), v("r1", healthy=False), v("r2", healthy=False), key=ALICE),
-        r("r0", "hash"),
-    ),
-    Case(
-        "bob-r0-down",
-        "consistent_hash",
-        {},
-        snap(v("r0", healthy=False), v("r1"), v("r2"), key=BOB),
-        r("r2", "hash"),
-    ),
-    Case(
-        "dave-r0-down",
-        "consistent_hash",
-        {},
-        snap(v("r0", healthy=False), v("r1"), v("r2"), key=DAVE),
-        r("r1", "hash"),
-    ),
-    Case(
-        "ring-point-owner",
-        "consistent_hash",
-        {},
-        snap(*THREE, key=key_hash("r17")),
-        r("r1", "hash"),
-    ),
-    Case(
-        "blind-ignores-pending",
-        "consistent_hash",
-        {},
-        snap(v("r0"), v("r1"), v("r2", available=False), key=ALICE),
-        r("r2", "hash"),
-    ),
-    Case(
-        "no-key-least-load",
-        "consistent_hash",
-        {},
-        snap(v("r0", in_flight=2), v("r1", in_flight=1), v("r2", in_flight=1)),
-        r("r1", "least_load"),
-    ),
-    Case(
-        "none-healthy", "consistent_hash", {}, snap(v("r0", healthy=False), key=ALICE), NO_REPLICA
-    ),
-    Case(
-        "selective-skips-pending",
-        "consistent_hash",
-        SEL,
-        snap(v("r0"), v("r1"), v("r2", available=False), key=ALICE),
-        r("r1", "hash"),
-    ),
-    Case(
-        "selective-waits",
-        "consistent_hash",
-        SEL,
-        snap(v("r0", available=False), v("r1", healthy=False), key=ALICE),
-        Wait(),
-    ),
-    Case(
-        "selective-no-key",
-        "consistent_hash",
-        SEL,
-        snap(v("r0", available=False), v("r1", in_flight=4), v("r2", in_flight=5)),
-        r("r1", "least_load"),
-    ),
+    Case("alice", CH, snap(*THREE, key=ALICE), r("r2", "hash")),
+    Case("bob", CH, snap(*THREE, key=BOB), r("r0", "hash")),
+    Case("alice-r2-down", CH, snap(R0, R1, v("r2", up=False), key=ALICE), r("r1", "hash")),
+    Case("alice-r2-r1-down", CH, snap(R0, v("r1", up=False), v("r2", up=False), key=ALICE),
+         r("r0", "hash")),
+    Case("bob-r0-down", CH, snap(v("r0", up=False), R1, R2, key=BOB), r("r2", "hash")),
+    Case("dave-r0-down", CH, snap(v("r0", up=False), R1, R2, key=DAVE), r("r1", "hash")),
+    Case("ring-point-owner", CH, snap(*THREE, key=key_hash("r17")), r("r1", "hash")),
+    Case("blind-ignores-pending", CH, snap(R0, R1, v("r2", free=False), key=ALICE),
+         r("r2", "hash")),
+    Case("no-key-least-load", CH, snap(v("r0", f=2), v("r1", f=1), v("r2", f=1)),
+         r("r1", "least_load")),
+    Case("none-healthy", CH, snap(v("r0", up=False), key=ALICE), NO_REPLICA),
+    Case("selective-skips-pending", CH, snap(R0, R1, v("r2", free=False), key=ALICE),
+         r("r1", "hash"), SEL),
+    Case("selective-waits", CH, snap(v("r0", free=False), v("r1", up=False), key=ALICE), WAIT,
+         SEL),
+    Case("selective-no-key", CH, snap(v("r0", free=False), v("r1", f=4), v("r2", f=5)),
+         r("r1", "least_load"), SEL),
 ]
+# fmt: on
 
 CASES = SKYLB + PREFIX_AFFINITY + LEAST_LOAD + ROUND_ROBIN + CONSISTENT_HASH
 
