@@ -29,6 +29,9 @@ CASES: dict[str, Callable[[], Any]] = {
     "route_request_headers_keep_route_cache": lambda: messages.route_response(
         Phase.REQUEST_HEADERS, ROUTE, clear_route_cache=False
     ),
+    "route_request_headers_replace_body": lambda: messages.route_response(
+        Phase.REQUEST_HEADERS, ROUTE, body=b'{"model":"m","prompt":"hi"}'
+    ),
     "immediate_error": lambda: messages.immediate_error(
         400, "'model' is required.", "invalid_request_error"
     ),
@@ -66,6 +69,11 @@ def test_route_only_on_request_headers_or_body() -> None:
     for phase in (Phase.REQUEST_TRAILERS, Phase.RESPONSE_HEADERS, Phase.RESPONSE_BODY):
         with pytest.raises(ValueError, match="route"):
             messages.route_response(phase, ROUTE)
+
+
+def test_only_the_headers_answer_replaces_the_body() -> None:
+    with pytest.raises(ValueError, match="replace the body"):
+        messages.route_response(Phase.REQUEST_BODY, ROUTE, body=b"{}")
 
 
 def test_streamed_chunk_only_on_body_phases() -> None:

@@ -86,8 +86,8 @@ def route(phase: Phase) -> Send:
     return Send(messages.route_response(phase, ROUTE))
 
 
-def chunk(data: bytes, eos: bool) -> Send:
-    return Send(messages.streamed_body_chunk(data, eos))
+def route_with_body(data: bytes) -> Send:
+    return Send(messages.route_response(Phase.REQUEST_HEADERS, ROUTE, body=data))
 
 
 def bad_request(message: str) -> list[Any]:
@@ -214,40 +214,31 @@ def test_reject_answers_immediately() -> None:
 DUPLEX = BodyMode.FULL_DUPLEX_STREAMED
 
 
-def test_duplex_holds_headers_until_decision_then_replays_chunks() -> None:
+def test_duplex_holds_headers_until_decision_then_routes_with_the_whole_body() -> None:
     m = machine()
     assert m.receive(request_headers(mode=DUPLEX)) == []
     assert m.receive(body(BODY[:10], False)) == []
     assert m.receive(body(BODY[10:], True)) == [Decide(CHAT_REQUEST)]
-    assert m.decided(ROUTE) == [
-        route(Phase.REQUEST_HEADERS),
-        chunk(BODY[:10], False),
-        chunk(BODY[10:], True),
-    ]
+    assert m.decided(ROUTE) == [route_with_body(BODY)]
     assert m.receive(response_headers("200")) == [cont(Phase.RESPONSE_HEADERS), Started(200)]
     assert m.receive(response_trailers()) == [cont(Phase.RESPONSE_TRAILERS)]
 
 
-def test_duplex_body_ended_by_trailers_never_ends_the_body_stream() -> None:
+def test_duplex_body_ended_by_trailers_owes_no_trailers_answer() -> None:
     m = machine()
     m.receive(request_headers(mode=DUPLEX))
     m.receive(body(BODY[:10], False))
     m.receive(body(BODY[10:], False))
     assert m.receive(trailers()) == [Decide(CHAT_REQUEST)]
-    assert m.decided(ROUTE) == [
-        route(Phase.REQUEST_HEADERS),
-        chunk(BODY[:10], False),
-        chunk(BODY[10:], False),
-        cont(Phase.REQUEST_TRAILERS),
-    ]
+    assert m.decided(ROUTE) == [route_with_body(BODY)]
 
 
-def test_duplex_empty_last_chunk_ends_the_previous_one() -> None:
+def test_duplex_empty_last_chunk() -> None:
     m = machine()
     m.receive(request_headers(mode=DUPLEX))
     m.receive(body(BODY, False))
     assert m.receive(body(b"", True)) == [Decide(CHAT_REQUEST)]
-    assert m.decided(ROUTE) == [route(Phase.REQUEST_HEADERS), chunk(BODY, True)]
+    assert m.decided(ROUTE) == [route_with_body(BODY)]
 
 
 def test_duplex_oversize_is_refused_as_soon_as_the_limit_is_crossed() -> None:
@@ -273,27 +264,36 @@ def test_duplex_get() -> None:
     assert m.decided(ROUTE) == [route(Phase.REQUEST_HEADERS)]
 
 
-def test_duplex_passthrough_streams_chunks_once_routed() -> None:
+def test_duplex_passthrough_body_is_held_and_sent_back_with_the_route() -> None:
     m = machine()
-    assert m.receive(request_headers("POST", "/upload", mode=DUPLEX)) == [
-        passthrough("POST", "/upload")
-    ]
+    assert m.receive(request_headers("POST", "/upload", mode=DUPLEX)) == []
     assert m.receive(body(b"part1", False)) == []
-    assert m.decided(ROUTE) == [route(Phase.REQUEST_HEADERS), chunk(b"part1", False)]
-    assert m.receive(body(b"part2", False)) == [chunk(b"part2", False)]
-    assert m.receive(body(b"", True)) == [chunk(b"", True)]
+    assert m.receive(body(b"part2", False)) == []
+    assert m.receive(body(b"", True)) == [passthrough("POST", "/upload")]
+    assert m.decided(ROUTE) == [route_with_body(b"part1part2")]
+    assert m.receive(response_headers("201")) == [cont(Phase.RESPONSE_HEADERS), Started(201)]
+
+
+def test_duplex_passthrough_empty_body() -> None:
+    m = machine()
+    m.receive(request_headers("POST", "/upload", mode=DUPLEX))
+    assert m.receive(body(b"", True)) == [passthrough("POST", "/upload")]
+    assert m.decided(ROUTE) == [route_with_body(b"")]
 
 
 def test_duplex_passthrough_with_trailers() -> None:
     m = machine()
     m.receive(request_headers("POST", "/upload", mode=DUPLEX))
     m.receive(body(b"part1", False))
-    assert m.receive(trailers()) == []
-    assert m.decided(ROUTE) == [
-        route(Phase.REQUEST_HEADERS),
-        chunk(b"part1", False),
-        cont(Phase.REQUEST_TRAILERS),
-    ]
+    assert m.receive(trailers()) == [passthrough("POST", "/upload")]
+    assert m.decided(ROUTE) == [route_with_body(b"part1")]
+
+
+def test_duplex_passthrough_oversize_by_content_length() -> None:
+    m = machine(max_body_bytes=4)
+    assert m.receive(
+        request_headers("POST", "/upload", mode=DUPLEX, extra={"content-length": "5"})
+    ) == too_large(4)
 
 
 def test_duplex_passthrough_held_bytes_are_bounded() -> None:

@@ -5,11 +5,14 @@ One function per answer kind; every answer is a fresh message (callers may mutat
 - `route_response(phase, route)`: pick the replica, the GIE endpoint-picker way: header
   `x-gateway-destination-endpoint: ip:port` (for `override_host` / ORIGINAL_DST clusters) and the
   same value as `envoy.lb` dynamic metadata, plus `x-skylb-replica: <name>` for observability.
-  `clear_route_cache` makes Envoy re-evaluate routes that match on the header.
+  `clear_route_cache` makes Envoy re-evaluate routes that match on the header. With `body=`, the
+  headers answer is CONTINUE_AND_REPLACE carrying the whole request body: in
+  FULL_DUPLEX_STREAMED, one message instead of one per chunk, and the only way found that does
+  not duplicate the body when request trailers arrived before the headers answer (Envoy 1.40).
 - `immediate_error(status, message, code)`: answer the client directly with an OpenAI-style body.
-- `streamed_body_chunk(body, end_of_stream)`: FULL_DUPLEX_STREAMED hands the body to us, so we must
-  hand every byte back as `streamed_response` chunks, the last one with `end_of_stream` unless
-  trailers follow.
+- `streamed_body_chunk(body, end_of_stream)`: FULL_DUPLEX_STREAMED hands the body to us, so a body
+  not replaced at once must come back as `streamed_response` chunks, the last one with
+  `end_of_stream` unless trailers follow.
 """
 
 from __future__ import annotations
@@ -55,10 +58,18 @@ def continue_response(phase: Phase) -> Any:
     return proto.ProcessingResponse(**{phase.value: _ANSWER[phase]()})
 
 
-def route_response(phase: Phase, route: Route, *, clear_route_cache: bool = True) -> Any:
-    """Send the request to `route.address`; only the request headers or body answer can route."""
+def route_response(
+    phase: Phase, route: Route, *, clear_route_cache: bool = True, body: bytes | None = None
+) -> Any:
+    """Send the request to `route.address`; only the request headers or body answer can route.
+
+    `body` (request headers only) replaces the request body and ends request processing: Envoy
+    sends no further request body or trailers message and expects no answer to those it sent.
+    """
     if phase not in (Phase.REQUEST_HEADERS, Phase.REQUEST_BODY):
         raise ValueError(f"a route can only be set on request headers or body, not {phase.value}")
+    if body is not None and phase is not Phase.REQUEST_HEADERS:
+        raise ValueError("only the request headers answer can replace the body")
     common = proto.CommonResponse(
         header_mutation=proto.HeaderMutation(
             set_headers=[
@@ -68,6 +79,9 @@ def route_response(phase: Phase, route: Route, *, clear_route_cache: bool = True
         ),
         clear_route_cache=clear_route_cache,
     )
+    if body is not None:
+        common.status = proto.CONTINUE_AND_REPLACE
+        common.body_mutation.body = body
     metadata = proto.Struct()
     metadata.update({LB_METADATA_NAMESPACE: {DESTINATION_HEADER: route.address}})
     return proto.ProcessingResponse(

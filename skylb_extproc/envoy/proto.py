@@ -32,6 +32,7 @@ HeaderMutation = _ep.HeaderMutation
 BodyMutation = _ep.BodyMutation
 StreamedBodyResponse = _ep.StreamedBodyResponse
 ImmediateResponse = _ep.ImmediateResponse
+CONTINUE_AND_REPLACE = _ep.CommonResponse.CONTINUE_AND_REPLACE
 
 # shared building blocks
 HeaderMap = base_pb2.HeaderMap
@@ -45,6 +46,7 @@ Struct = struct_pb2.Struct
 ProcessingMode = processing_mode_pb2.ProcessingMode
 
 __all__ = [
+    "CONTINUE_AND_REPLACE",
     "OVERWRITE_IF_EXISTS_OR_ADD",
     "BodyMutation",
     "BodyResponse",

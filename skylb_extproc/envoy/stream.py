@@ -9,18 +9,23 @@ Envoy's request body mode (learnt from `ProcessingRequest.protocol_config`, whic
 to the first message of every stream) decides where the route goes:
 - NONE: no body will come. Decide at the headers and route in the headers answer.
 - BUFFERED: Envoy holds the body until the headers are answered, then sends it whole in ONE
-  message (end_of_stream is false when trailers follow). So inference requests answer the headers
-  with CONTINUE at once and route in the body answer (header mutation + clear_route_cache).
-- FULL_DUPLEX_STREAMED: chunks flow without waiting for answers, and Envoy forwards only what we
-  send back. We hold the headers answer until the decision, then send it with the route and
-  re-send every held chunk as `streamed_response`; the last one carries end_of_stream unless the
-  body ended with trailers, which are then answered last (Envoy injects data with end_stream, so
-  an end_of_stream before trailers would end the request early).
+  message (end_of_stream is false when trailers follow). Inference requests answer the headers
+  with CONTINUE at once and route in the body answer (header mutation + clear_route_cache);
+  other requests are decided on their headers, routed in the headers answer, and their body and
+  trailers answered with CONTINUE.
+- FULL_DUPLEX_STREAMED: chunks flow without waiting for answers and Envoy forwards only what we
+  send back. We hold every body until it is complete (end_of_stream or trailers; at most
+  max_body_bytes), decide, and answer the headers with the route AND the whole body
+  (CONTINUE_AND_REPLACE): one message, and no answers owed for the chunks or trailers. Measured on
+  Envoy 1.40: re-sending the chunks as `streamed_response` works only without request trailers;
+  with trailers Envoy forwarded the body twice (whether the trailers came before or after the
+  headers answer). The replacement forwards it once, trailers or not, also for a 5 MB body.
+  Envoy runs no message_timeout on the request phases in this mode, so a request can wait at the
+  balancer longer than message_timeout.
 STREAMED / BUFFERED_PARTIAL cannot carry a route with the body answer: `UnsupportedMode`.
 
-Requests without a body (GET, or end_of_stream on the headers) and non-inference requests are
-decided from the headers alone; non-inference bodies are never parsed and, once routed, flow
-through (BUFFERED: CONTINUE; duplex: echoed chunk by chunk).
+Requests without a body (GET, or end_of_stream on the headers) are decided on their headers.
+Non-inference bodies are never parsed (RouteRequest.inference=False).
 
 Bad bodies are answered here (immediate 400/413) with a `Fail` action so the driver can count the
 outcome: the router never sees them.
@@ -126,12 +131,12 @@ class StreamMachine:
         self._path = ""
         self._hash_key: str | None = None
         self._inference = False
-        self._chunks: list[bytes] = []  # held body, kept once; joined once to parse
+        self._chunks: list[bytes] = []  # held body chunks, joined once when complete
         self._held_bytes = 0
-        self._last_eos = False  # the held body ended with end_of_stream (not with trailers)
+        self._body: bytes | None = None  # duplex: the complete body, sent back with the route
         self._headers_answered = False
         self._body_pending = False  # BUFFERED pass-through body waiting for the route
-        self._trailers_pending = False  # request trailers waiting for the route
+        self._trailers_pending = False  # BUFFERED pass-through trailers waiting for the route
 
     # --- what the driver may ask -------------------------------------------------------
 
@@ -200,13 +205,13 @@ class StreamMachine:
         self._path = values.get(":path", "")
         self._hash_key = values.get(HASH_KEY_HEADER)
         self._inference = is_inference(self._method, self._path)
-        if not self._inference:
-            return self._decide(self._passthrough())
         if headers.end_of_stream:
-            self._last_eos = True
-            return self._parse()  # an inference request without a body: parse says why not
+            # No body: an inference request is then a bad one, and parse says why.
+            return self._parse() if self._inference else self._decide(self._passthrough())
         if self._mode is BodyMode.NONE:
-            return self._decide(dataclasses.replace(self._passthrough(), inference=True))
+            return self._decide(dataclasses.replace(self._passthrough(), inference=self._inference))
+        if self._mode is BodyMode.BUFFERED and not self._inference:
+            return self._decide(self._passthrough())  # Envoy keeps the body; route on headers
         if _content_length(values) > self._max_body_bytes:
             return self._too_large()
         self._state = _State.BODY
@@ -217,13 +222,17 @@ class StreamMachine:
 
     def _on_request_body(self, body: Any) -> list[Action]:
         if self._state is _State.BODY:
-            return self._collect(body)
-        if self._inference or self._state not in (_State.DECIDING, _State.ROUTED):
+            if body.body:
+                self._chunks.append(body.body)
+                self._held_bytes += len(body.body)
+                if self._held_bytes > self._max_body_bytes:
+                    return self._too_large()
+            # BUFFERED sends the whole body in one message, end_of_stream false if trailers follow.
+            if body.end_of_stream or self._mode is BodyMode.BUFFERED:
+                return self._complete()
+            return []
+        if self._mode is not BodyMode.BUFFERED or self._state is _State.HEADERS:
             return []  # nothing Envoy should send; answering would be a spurious message
-        if self._mode is BodyMode.FULL_DUPLEX_STREAMED:
-            if self._headers_answered:
-                return [Send(messages.streamed_body_chunk(body.body, body.end_of_stream))]
-            return self._hold(body)
         if self._headers_answered:
             return [Send(messages.continue_response(Phase.REQUEST_BODY))]
         self._body_pending = True
@@ -231,45 +240,37 @@ class StreamMachine:
 
     def _on_request_trailers(self, _trailers: Any) -> list[Action]:
         if self._state is _State.BODY:
-            self._trailers_pending = True
-            return self._parse()  # trailers mark the end of a duplex body
-        if self._state is _State.ROUTED:
+            return self._complete()  # trailers mark the end of a duplex body
+        if self._state is _State.ROUTED and self._mode is BodyMode.BUFFERED:
             return [Send(messages.continue_response(Phase.REQUEST_TRAILERS))]
-        if self._state is _State.DECIDING:
+        if self._state is _State.DECIDING and self._mode is BodyMode.BUFFERED:
             self._trailers_pending = True
         return []
 
-    def _collect(self, body: Any) -> list[Action]:
-        """Hold an inference body chunk; parse when it is complete."""
-        actions = self._hold(body)
-        if actions:
-            return actions
-        # BUFFERED sends the whole body in one message, end_of_stream false if trailers follow.
-        if body.end_of_stream or self._mode is BodyMode.BUFFERED:
+    def _complete(self) -> list[Action]:
+        """The held body is complete: parse it (inference) and decide."""
+        if self._inference:
             return self._parse()
-        return []
-
-    def _hold(self, body: Any) -> list[Action]:
-        """Keep a chunk (empty ones only mark the end); returns the 413 when over the limit."""
-        if body.body:
-            self._chunks.append(body.body)
-            self._held_bytes += len(body.body)
-        self._last_eos = body.end_of_stream
-        if self._held_bytes > self._max_body_bytes:
-            return self._too_large()
-        return []
+        self._body = self._joined()
+        return self._decide(self._passthrough())
 
     def _parse(self) -> list[Action]:
-        body = self._chunks[0] if len(self._chunks) == 1 else b"".join(self._chunks)
+        body = self._joined()
         try:
             request = parse_body(
                 self.request_id, self._method, self._path, body, hash_key=self._hash_key
             )
         except BadRequest as exc:
             return self._fail(Outcome.BAD_REQUEST, exc)
-        if self._mode is not BodyMode.FULL_DUPLEX_STREAMED:
-            self._chunks = []  # Envoy keeps its own copy and forwards it on CONTINUE
+        # BUFFERED: Envoy keeps its own copy and forwards it on CONTINUE.
+        if self._mode is BodyMode.FULL_DUPLEX_STREAMED:
+            self._body = body
         return self._decide(request)
+
+    def _joined(self) -> bytes:
+        """The held body as one bytes object; the chunk list is dropped (one copy kept)."""
+        chunks, self._chunks, self._held_bytes = self._chunks, [], 0
+        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
     def _passthrough(self) -> RouteRequest:
         return passthrough_request(
@@ -283,15 +284,16 @@ class StreamMachine:
     # --- decisions -----------------------------------------------------------------------
 
     def _route(self, route: Route) -> list[Action]:
-        """Route in the first answer Envoy still waits for, then release what was held."""
+        """Route in the first answer Envoy still waits for, then release what waited for it."""
         self._state = _State.ROUTED
-        actions: list[Action]
-        if self._headers_answered:  # BUFFERED inference: the body answer carries the route
-            actions = [Send(messages.route_response(Phase.REQUEST_BODY, route))]
-        else:
+        if self._body is not None:  # duplex: Envoy expects no more request answers after this
+            body, self._body = self._body, None
             self._headers_answered = True
-            actions = [Send(messages.route_response(Phase.REQUEST_HEADERS, route))]
-            actions += self._release_chunks()
+            return [Send(messages.route_response(Phase.REQUEST_HEADERS, route, body=body))]
+        if self._headers_answered:  # BUFFERED inference: the body answer carries the route
+            return [Send(messages.route_response(Phase.REQUEST_BODY, route))]
+        self._headers_answered = True
+        actions: list[Action] = [Send(messages.route_response(Phase.REQUEST_HEADERS, route))]
         if self._body_pending:
             self._body_pending = False
             actions.append(Send(messages.continue_response(Phase.REQUEST_BODY)))
@@ -300,19 +302,6 @@ class StreamMachine:
             actions.append(Send(messages.continue_response(Phase.REQUEST_TRAILERS)))
         return actions
 
-    def _release_chunks(self) -> list[Action]:
-        """Duplex: hand every held byte back; only a body that ended without trailers ends."""
-        chunks, self._chunks, self._held_bytes = self._chunks, [], 0
-        if self._mode is not BodyMode.FULL_DUPLEX_STREAMED:
-            return []
-        if not chunks and self._last_eos:
-            chunks = [b""]
-        last = len(chunks) - 1
-        return [
-            Send(messages.streamed_body_chunk(chunk, self._last_eos and i == last))
-            for i, chunk in enumerate(chunks)
-        ]
-
     def _too_large(self) -> list[Action]:
         limit = self._max_body_bytes
         return self._fail(
@@ -320,14 +309,12 @@ class StreamMachine:
         )
 
     def _fail(self, outcome: Outcome, error: SkylbError) -> list[Action]:
-        return [
-            *self._close(messages.error_response(error)),
-            Fail(outcome, error.status, error.message),
-        ]
+        actions = self._close(messages.error_response(error))
+        return [*actions, Fail(outcome, error.status, error.message)]
 
     def _close(self, response: Any) -> list[Action]:
         self._state = _State.CLOSED
-        self._chunks, self._held_bytes = [], 0
+        self._chunks, self._held_bytes, self._body = [], 0, None
         return [Send(response)]
 
     # --- response phases -------------------------------------------------------------------
