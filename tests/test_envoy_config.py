@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -34,7 +35,7 @@ def settings(**kw: object) -> EnvoySettings:
     return EnvoySettings(**{**base, **kw})  # type: ignore[arg-type]
 
 
-def ext_proc(doc: dict) -> dict:  # type: ignore[type-arg]
+def ext_proc(doc: Any) -> Any:
     hcm = doc["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]
     filters = hcm["typed_config"]["http_filters"]
     return next(f for f in filters if f["name"] == "envoy.filters.http.ext_proc")["typed_config"]
