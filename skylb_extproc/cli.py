@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import inspect
-import json
 import logging
 import sys
 from collections.abc import Callable, Coroutine, Sequence
@@ -26,11 +25,7 @@ def _serve(args: argparse.Namespace) -> int:
     from skylb_extproc.server.app import run_server
 
     config = load_config(args.config)
-
-    def ready(ports: dict[str, int]) -> None:
-        print(json.dumps(ports), flush=True)
-
-    _run(run_server(config, ready=ready))
+    _run(run_server(config))  # prints {"grpc": port, "admin": port} once serving
     return 0
 
 

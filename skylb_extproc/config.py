@@ -29,9 +29,7 @@ T = TypeVar("T")
 KNOWN_POLICIES = ("skylb", "prefix_affinity", "least_load", "round_robin", "consistent_hash")
 
 _REGION_RE = re.compile(r"^[a-z0-9-]+$")
-_HOSTNAME_RE = re.compile(
-    r"^(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$"
-)
+_HOSTNAME_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9.-]{0,251}[A-Za-z0-9])?$")
 
 
 @dataclass(frozen=True)
@@ -271,14 +269,6 @@ def _replicas(root: _Section) -> tuple[ReplicaSpec, ...]:
     return tuple(replicas)
 
 
-def _listen(s: _Section) -> ListenConfig:
-    d = ListenConfig()
-    grpc = s.take("grpc", as_address(allow_port_zero=True), d.grpc)
-    admin = s.take("admin", as_address(allow_port_zero=True), d.admin)
-    s.done()
-    return ListenConfig(grpc=grpc, admin=admin)
-
-
 def _policy(s: _Section) -> PolicyConfig:
     name = s.take("name", as_str, PolicyConfig().name)
     params: dict[str, Any] = s.take("params", as_mapping, {})
@@ -307,51 +297,38 @@ def validate_policy(name: str, params: Mapping[str, Any]) -> None:
         raise ConfigError("policy", f"{name!r}: {exc}") from exc
 
 
-def _prefix(s: _Section) -> PrefixConfig:
-    d = PrefixConfig()
-    result = PrefixConfig(
-        block_chars=s.take("block_chars", as_int(1), d.block_chars),
-        max_blocks_per_request=s.take(
-            "max_blocks_per_request", as_int(1), d.max_blocks_per_request
-        ),
-        max_blocks_per_replica=s.take(
-            "max_blocks_per_replica", as_int(1), d.max_blocks_per_replica
-        ),
-        ttl_s=s.take("ttl_s", as_float(positive=True), d.ttl_s),
-        hash_salt=s.take("hash_salt", as_str, d.hash_salt),
-    )
+_POSITIVE = as_float(positive=True)
+
+# Flat sections: one check per field; defaults come from the dataclass itself.
+_FIELD_CHECKS: dict[type, dict[str, Callable[[object, str], Any]]] = {
+    ListenConfig: {
+        "grpc": as_address(allow_port_zero=True),
+        "admin": as_address(allow_port_zero=True),
+    },
+    PrefixConfig: {
+        "block_chars": as_int(1),
+        "max_blocks_per_request": as_int(1),
+        "max_blocks_per_replica": as_int(1),
+        "ttl_s": _POSITIVE,
+        "hash_salt": as_str,
+    },
+    QueueConfig: {"max_length": as_int(1), "max_wait_s": _POSITIVE},
+    LimitsConfig: {"max_body_bytes": as_int(1)},
+    ScrapeConfig: {
+        "interval_s": _POSITIVE,
+        "timeout_s": _POSITIVE,
+        "stale_after_s": _POSITIVE,
+        "max_pending": as_int(0),
+    },
+}
+
+
+def _flat(cls: type[T], s: _Section) -> T:
+    defaults = cls()
+    checks = _FIELD_CHECKS[cls]
+    values = {key: s.take(key, check, getattr(defaults, key)) for key, check in checks.items()}
     s.done()
-    return result
-
-
-def _queue(s: _Section) -> QueueConfig:
-    d = QueueConfig()
-    result = QueueConfig(
-        max_length=s.take("max_length", as_int(1), d.max_length),
-        max_wait_s=s.take("max_wait_s", as_float(positive=True), d.max_wait_s),
-    )
-    s.done()
-    return result
-
-
-def _limits(s: _Section) -> LimitsConfig:
-    result = LimitsConfig(
-        max_body_bytes=s.take("max_body_bytes", as_int(1), LimitsConfig().max_body_bytes)
-    )
-    s.done()
-    return result
-
-
-def _scrape(s: _Section) -> ScrapeConfig:
-    d = ScrapeConfig()
-    result = ScrapeConfig(
-        interval_s=s.take("interval_s", as_float(positive=True), d.interval_s),
-        timeout_s=s.take("timeout_s", as_float(positive=True), d.timeout_s),
-        stale_after_s=s.take("stale_after_s", as_float(positive=True), d.stale_after_s),
-        max_pending=s.take("max_pending", as_int(0), d.max_pending),
-    )
-    s.done()
-    return result
+    return cls(**values)
 
 
 def parse_config(data: object) -> Config:
@@ -359,13 +336,13 @@ def parse_config(data: object) -> Config:
     root = _Section(data, "")
     config = Config(
         region=root.take("region", as_region),
-        listen=_listen(root.section("listen")),
+        listen=_flat(ListenConfig, root.section("listen")),
         replicas=_replicas(root),
         policy=_policy(root.section("policy")),
-        prefix=_prefix(root.section("prefix")),
-        queue=_queue(root.section("queue")),
-        limits=_limits(root.section("limits")),
-        scrape=_scrape(root.section("scrape")),
+        prefix=_flat(PrefixConfig, root.section("prefix")),
+        queue=_flat(QueueConfig, root.section("queue")),
+        limits=_flat(LimitsConfig, root.section("limits")),
+        scrape=_flat(ScrapeConfig, root.section("scrape")),
         shutdown_grace_s=root.take("shutdown_grace_s", as_float(positive=False), 10.0),
         seed=root.take("seed", as_int(0), 0),
     )
@@ -398,17 +375,13 @@ def config_to_dict(config: Config) -> dict[str, Any]:
             for r in config.replicas
         ],
         "policy": {"name": config.policy.name, "params": dict(config.policy.params)},
-        "prefix": vars_of(config.prefix),
-        "queue": vars_of(config.queue),
-        "limits": vars_of(config.limits),
-        "scrape": vars_of(config.scrape),
+        "prefix": dict(vars(config.prefix)),
+        "queue": dict(vars(config.queue)),
+        "limits": dict(vars(config.limits)),
+        "scrape": dict(vars(config.scrape)),
         "shutdown_grace_s": config.shutdown_grace_s,
         "seed": config.seed,
     }
-
-
-def vars_of(section: object) -> dict[str, Any]:
-    return dict(vars(section))
 
 
 def render_yaml(config: Config) -> str:

@@ -167,7 +167,7 @@ def test_document_must_be_a_mapping(data: object) -> None:
 
 
 def test_empty_document_asks_for_the_region() -> None:
-    with pytest.raises(ConfigError, match="^region: required$"):
+    with pytest.raises(ConfigError, match=r"^region: required$"):
         parse_config(None)
 
 

@@ -102,24 +102,7 @@ class ServerMetrics:
         self.decisions = Counter(
             "skylb_decisions_total", "Requests by how they ended", ["policy", "outcome"], registry=r
         )
-        self.queue_wait = Histogram(
-            "skylb_queue_wait_seconds",
-            "Time spent in the balancer's queue",
-            buckets=WAIT_BUCKETS,
-            registry=r,
-        )
-        self.decision_latency = Histogram(
-            "skylb_decision_latency_seconds",
-            "From the request being known (headers/body complete) to its decision",
-            buckets=LATENCY_BUCKETS,
-            registry=r,
-        )
-        self.prefix_matched = Histogram(
-            "skylb_prefix_matched_fraction",
-            "Share of a routed prompt the chosen replica already held",
-            buckets=FRACTION_BUCKETS,
-            registry=r,
-        )
+        self._add_histograms(r)
         self.prefix_hit_ratio = Gauge(
             "skylb_prefix_hit_ratio",
             "Routed prompt chars matched / routed prompt chars",
@@ -139,6 +122,26 @@ class ServerMetrics:
             self.decisions.labels(policy, outcome.value)
         if state_source is not None:
             self.attach_state(state_source)
+
+    def _add_histograms(self, r: CollectorRegistry) -> None:
+        self.queue_wait = Histogram(
+            "skylb_queue_wait_seconds",
+            "Time spent in the balancer's queue",
+            buckets=WAIT_BUCKETS,
+            registry=r,
+        )
+        self.decision_latency = Histogram(
+            "skylb_decision_latency_seconds",
+            "From the request being known (headers/body complete) to its decision",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.prefix_matched = Histogram(
+            "skylb_prefix_matched_fraction",
+            "Share of a routed prompt the chosen replica already held",
+            buckets=FRACTION_BUCKETS,
+            registry=r,
+        )
 
     def attach_state(self, source: StateSource) -> None:
         """Export the state gauges from `source` (called once, when the router exists)."""

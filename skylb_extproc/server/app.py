@@ -1,0 +1,168 @@
+"""Wiring of one skylb server: config -> Router -> Driver -> grpc.aio servicer + health, admin
+HTTP, scrapers; and its graceful stop.
+
+Stop sequence (SIGTERM/SIGINT, or the `stop` event): gRPC health turns NOT_SERVING (so Envoy's
+health checks move traffic away), queued requests are rejected with 503 and later decisions too,
+the gRPC server stops accepting streams and lets open ones finish for `shutdown_grace_s` (with
+`response_trailer_mode: SEND` a stream lives as long as its HTTP response), then everything else
+closes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import random
+import signal
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import grpc
+from aiohttp import web
+from envoy.service.ext_proc.v3 import external_processor_pb2_grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from skylb_extproc.config import Config, split_host_port
+from skylb_extproc.policy.base import make_policy
+from skylb_extproc.router import Router
+from skylb_extproc.server.admin import make_admin_app, start_admin
+from skylb_extproc.server.driver import Driver
+from skylb_extproc.server.metrics import ServerMetrics
+from skylb_extproc.server.scrape import Scraper
+from skylb_extproc.server.servicer import ExtProcServicer
+
+log = logging.getLogger(__name__)
+
+EXT_PROC_SERVICE = "envoy.service.ext_proc.v3.ExternalProcessor"
+HEALTH_SERVICES = ("", "liveness", "readiness", EXT_PROC_SERVICE)
+MIN_MESSAGE_BYTES = 64 * 1024 * 1024
+
+ReadyCallback = Callable[[dict[str, int]], None]
+
+
+def grpc_options(config: Config) -> list[tuple[str, int]]:
+    # grpcio's 4 MiB default turns large duplex chunks / buffered bodies into 500s (measured).
+    size = max(MIN_MESSAGE_BYTES, config.limits.max_body_bytes + 1024 * 1024)
+    return [
+        ("grpc.max_receive_message_length", size),
+        ("grpc.max_send_message_length", size),
+        # Linux grpc sets SO_REUSEPORT by default: a second server on our port would silently
+        # share the traffic (and the routing state would be split) instead of failing.
+        ("grpc.so_reuseport", 0),
+    ]
+
+
+def build_router(config: Config) -> Router:
+    policy = make_policy(config.policy.name, config.policy.params)
+    return Router(config.router_settings(), config.replicas, policy, random.Random(config.seed))
+
+
+@dataclass
+class RunningServer:
+    """The parts of a started server; `ports` holds the bound gRPC and admin ports."""
+
+    driver: Driver
+    grpc_server: grpc.aio.Server
+    health: health.aio.HealthServicer
+    admin: web.AppRunner
+    scraper: Scraper
+    ports: dict[str, int]
+
+    async def stop(self, grace_s: float) -> None:
+        await self.health.enter_graceful_shutdown()  # every service NOT_SERVING, for good
+        self.driver.shutdown()
+        log.info("stopping: %d streams open, grace %.1fs", self.driver.streams_active, grace_s)
+        await self.grpc_server.stop(grace_s)
+        await self.scraper.close()
+        self.driver.close()
+        await self.admin.cleanup()
+
+
+async def start_server(config: Config) -> RunningServer:
+    """Start everything (ports 0 in the config are picked here); stop with `RunningServer.stop`."""
+    metrics = ServerMetrics(policy=config.policy.name)
+    driver = Driver(build_router(config), region=config.region, metrics=metrics)
+    grpc_server, health_servicer, grpc_port = await _start_grpc(config, driver)
+    admin_host, admin_port = split_host_port(
+        config.listen.admin, "listen.admin", allow_port_zero=True
+    )
+    try:
+        runner, admin_port = await start_admin(
+            make_admin_app(driver, metrics), admin_host, admin_port
+        )
+    except BaseException:
+        await grpc_server.stop(0)
+        raise
+    scraper = Scraper(
+        config.replicas,
+        interval_s=config.scrape.interval_s,
+        timeout_s=config.scrape.timeout_s,
+        sink=driver.on_scrape,
+        clock=driver.now,
+    )
+    await scraper.start()
+    ports = {"grpc": grpc_port, "admin": admin_port}
+    log.info("serving %s on %s", config.summary(), ports)
+    return RunningServer(driver, grpc_server, health_servicer, runner, scraper, ports)
+
+
+async def _start_grpc(
+    config: Config, driver: Driver
+) -> tuple[grpc.aio.Server, health.aio.HealthServicer, int]:
+    server = grpc.aio.server(options=grpc_options(config))
+    servicer = ExtProcServicer(driver, max_body_bytes=config.limits.max_body_bytes)
+    external_processor_pb2_grpc.add_ExternalProcessorServicer_to_server(servicer, server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    try:
+        port = server.add_insecure_port(config.listen.grpc)
+    except RuntimeError as exc:  # newer grpcio raises instead of returning 0
+        raise OSError(f"cannot bind gRPC to {config.listen.grpc}: {exc}") from exc
+    if port == 0:
+        raise OSError(f"cannot bind gRPC to {config.listen.grpc}")
+    await server.start()
+    for service in HEALTH_SERVICES:
+        await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
+    return server, health_servicer, port
+
+
+async def run_server(
+    config: Config, *, ready: ReadyCallback | None = None, stop: asyncio.Event | None = None
+) -> None:
+    """Serve until `stop` is set (default: until SIGTERM/SIGINT), then stop gracefully.
+
+    `ready` gets {"grpc": port, "admin": port} once serving; by default that is printed as one
+    JSON line on stdout, which is how launchers learn the ports picked for port 0.
+    """
+    with _signal_event(stop) as stop_event:
+        server = await start_server(config)
+        try:
+            (ready or _print_ports)(dict(server.ports))
+            await stop_event.wait()
+        finally:
+            await server.stop(config.shutdown_grace_s)
+    log.info("stopped")
+
+
+def _print_ports(ports: dict[str, int]) -> None:
+    print(json.dumps(ports), flush=True)
+
+
+@contextlib.contextmanager
+def _signal_event(stop: asyncio.Event | None) -> Iterator[asyncio.Event]:
+    """The caller's stop event, or one set by SIGTERM/SIGINT (handlers removed afterwards)."""
+    if stop is not None:
+        yield stop
+        return
+    event = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    signals = (signal.SIGTERM, signal.SIGINT)
+    for sig in signals:
+        loop.add_signal_handler(sig, event.set)
+    try:
+        yield event
+    finally:
+        for sig in signals:
+            loop.remove_signal_handler(sig)
