@@ -3,8 +3,9 @@
 An infinite cache that has seen the prompt of every earlier request (in trace order) would serve
 a request's longest prefix shared with any of them. Counted like the simulated replica counts
 `cached_tokens`: in whole 16-token blocks (64 characters at 4 characters per token), chained
-hashes so that a block only matches with its whole prefix, and at least one prompt token is
-always computed (an engine needs one token of prefill to produce output). Outputs are not cached:
+hashes so that a block only matches with its whole prefix, and at most (prompt_tokens - 1) // 16
+blocks hit, as vLLM caps a hit so that at least one token is computed (a full hit recomputes its
+last block; sim/model.py does the same). Outputs are not cached:
 the next turn's copy of an answer is new text to the oracle too.
 
 Hit rate = cached prompt tokens / prompt tokens, the same definition as the policies' rate.
@@ -25,7 +26,8 @@ _BLOCK_CHARS = ORACLE_BLOCK_TOKENS * CHARS_PER_TOKEN
 
 def cached_tokens(matched_blocks: int, prompt_tokens: int) -> int:
     """Tokens served from cache for a match of `matched_blocks` leading blocks."""
-    return max(0, min(matched_blocks * ORACLE_BLOCK_TOKENS, prompt_tokens - 1))
+    cap = max(0, (prompt_tokens - 1) // ORACLE_BLOCK_TOKENS)
+    return min(matched_blocks, cap) * ORACLE_BLOCK_TOKENS
 
 
 def oracle_hit_rate(requests: Iterable[TraceRequest]) -> float:

@@ -1,0 +1,132 @@
+"""The systems compared: which balancers exist, where, with which policy, over which replicas.
+
+| name | balancers | local policy (router.py) | pushing | cross-region |
+|---|---|---|---|---|
+| skylb | per region, own replicas | `skylb` (prefix) | selective | spill by prefix index |
+| skylb-ch | per region, own replicas | `consistent_hash` | selective | spill by region ring |
+| region-local | per region, own replicas | `prefix_affinity` | blind | none |
+| least-load | one, in the first region, all replicas | `least_load` | blind | via the one LB |
+| round-robin | same | `round_robin` | blind | via the one LB |
+| consistent-hash | same | `consistent_hash` | blind | via the one LB |
+| sglang | same | `prefix_affinity` | blind | via the one LB |
+
+`region-local` stands for the GKE/GIE-style per-region gateway: it scores replicas by prefix and
+load and pushes at once (the gateway keeps no queue of its own), and never leaves its region.
+The single-balancer baselines sit in the first region, as the paper's ran in us-east-2, so
+clients of other regions pay the RTT to it and it pays the RTT to other regions' replicas.
+
+Clients send `x-hash-key` = their conversation (prefix group), as the paper's clients send their
+session; consistent hashing keys on it.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from skylb_extproc.bench.balancer import RegionBalancer
+from skylb_extproc.bench.regions import RttMatrix
+from skylb_extproc.policy.base import make_policy
+from skylb_extproc.region.peers import PeerTable
+from skylb_extproc.region.spill import SpillPlanner, SpillSettings
+from skylb_extproc.router import Router, RouterSettings
+from skylb_extproc.sim.model import ReplicaEngine
+from skylb_extproc.sim.profiles import Profile
+from skylb_extproc.types import ReplicaSpec
+
+__all__ = ["BENCH_ROUTER_SETTINGS", "POLICIES", "System", "build_system"]
+
+# name -> (router policy, its params, one balancer per region?, spill mode or None)
+_TABLE: dict[str, tuple[str, dict[str, object], bool, str | None]] = {
+    "skylb": ("skylb", {}, True, "prefix"),
+    "skylb-ch": ("consistent_hash", {"selective": True}, True, "hash"),
+    "region-local": ("prefix_affinity", {}, True, None),
+    "least-load": ("least_load", {}, False, None),
+    "round-robin": ("round_robin", {}, False, None),
+    "consistent-hash": ("consistent_hash", {}, False, None),
+    "sglang": ("prefix_affinity", {}, False, None),
+}
+POLICIES: tuple[str, ...] = tuple(_TABLE)
+
+# Waiting is part of the latency being measured, so the balancer's queue neither fills nor
+# expires in a benchmark (the live defaults, 1024 entries and 30 s, would turn an overload
+# into 429/503 answers for the selective policies only, and make them look better).
+BENCH_ROUTER_SETTINGS = RouterSettings(queue_max_length=1_000_000, queue_max_wait_s=1e9)
+
+
+@dataclass
+class System:
+    """Balancers (by the region they run in), replicas, and who reaches what."""
+
+    policy: str
+    balancers: dict[str, RegionBalancer]
+    replicas: dict[str, ReplicaEngine]
+    replica_region: dict[str, str]
+    scrapes: dict[str, list[str]]  # balancer region -> replicas it scrapes
+    entry: dict[str, str]  # client region -> region of the balancer it talks to
+    spills: bool
+    rtt: RttMatrix
+    model: str = ""
+    peers: dict[str, list[str]] = field(default_factory=dict)  # balancer -> peers it polls
+
+
+def _router(
+    policy: str, params: dict[str, object], specs: Sequence[ReplicaSpec], seed: str
+) -> Router:
+    return Router(BENCH_ROUTER_SETTINGS, specs, make_policy(policy, params), random.Random(seed))
+
+
+def build_system(
+    name: str,
+    regions: Sequence[str],
+    replicas_per_region: int,
+    profile: Profile,
+    rtt: RttMatrix,
+    seed: int,
+) -> System:
+    """A fresh system (fresh replicas, empty caches) for policy `name`."""
+    policy, params, per_region, mode = _TABLE[name]
+    names = {r: [f"{r}-{i}" for i in range(replicas_per_region)] for r in regions}
+    engines = {n: ReplicaEngine(profile, n) for r in regions for n in names[r]}
+    where = {n: r for r in regions for n in names[r]}
+    specs = {n: ReplicaSpec(n, f"{n}:8000", f"http://{n}:8000/metrics") for n in engines}
+    block = BENCH_ROUTER_SETTINGS.block_chars
+    if not per_region:
+        home = regions[0]
+        router = _router(policy, params, list(specs.values()), f"{seed}:{name}:{home}")
+        lb = RegionBalancer(home, router, block_chars=block)
+        return System(
+            name,
+            {home: lb},
+            engines,
+            where,
+            {home: list(engines)},
+            dict.fromkeys(regions, home),
+            False,
+            rtt,
+            profile.model,
+        )
+    balancers: dict[str, RegionBalancer] = {}
+    for r in regions:
+        router = _router(policy, params, [specs[n] for n in names[r]], f"{seed}:{name}:{r}")
+        planner = peers = None
+        if mode is not None:
+            planner = SpillPlanner(
+                r, regions, SpillSettings(mode="hash" if mode == "hash" else "prefix")
+            )
+            peers = PeerTable({p: rtt.one_way(r, p) for p in regions if p != r})
+        balancers[r] = RegionBalancer(r, router, block_chars=block, planner=planner, peers=peers)
+    polls = {r: [p for p in regions if p != r] for r in regions} if mode else {}
+    return System(
+        name,
+        balancers,
+        engines,
+        where,
+        dict(names),
+        {r: r for r in regions},
+        mode is not None,
+        rtt,
+        profile.model,
+        polls,
+    )
