@@ -4,6 +4,7 @@ stub, fake replicas serving /metrics over HTTP, no Envoy."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -51,7 +52,13 @@ class FakeReplica:
         self.address = f"127.0.0.1:{self.runner.addresses[0][1]}"
 
 
-def make_config(replicas: list[FakeReplica], *, grace_s: float = 5.0) -> Config:
+def make_config(
+    replicas: list[FakeReplica],
+    *,
+    grace_s: float = 5.0,
+    max_length: int = 8,
+    max_wait_s: float = 5.0,
+) -> Config:
     return Config(
         region="us",
         replicas=tuple(
@@ -60,7 +67,7 @@ def make_config(replicas: list[FakeReplica], *, grace_s: float = 5.0) -> Config:
         ),
         listen=ListenConfig(grpc="127.0.0.1:0", admin="127.0.0.1:0"),
         scrape=ScrapeConfig(interval_s=0.02, timeout_s=0.5, stale_after_s=1.0),
-        queue=QueueConfig(max_length=8, max_wait_s=5.0),
+        queue=QueueConfig(max_length=max_length, max_wait_s=max_wait_s),
         shutdown_grace_s=grace_s,
     )
 
@@ -120,15 +127,21 @@ async def _close(harness: Harness) -> None:
     await harness.http.close()
 
 
-@pytest.fixture
-async def server(fakes: list[FakeReplica]) -> AsyncIterator[Harness]:
-    running: RunningServer = await start_server(make_config(fakes, grace_s=0.5))
+@contextlib.asynccontextmanager
+async def serving(fakes: list[FakeReplica], **config: Any) -> AsyncIterator[Harness]:
+    running: RunningServer = await start_server(make_config(fakes, grace_s=0.5, **config))
     harness = await _connect(fakes, running.ports)
     try:
         yield harness
     finally:
         await _close(harness)
         await running.stop(0.5)
+
+
+@pytest.fixture
+async def server(fakes: list[FakeReplica]) -> AsyncIterator[Harness]:
+    async with serving(fakes) as harness:
+        yield harness
 
 
 async def healthy_and_available(harness: Harness, available: dict[str, bool]) -> None:
@@ -160,6 +173,11 @@ def body(data: str | bytes, *, eos: bool = True) -> Any:
     return proto.ProcessingRequest(request_body=proto.HttpBody(body=raw, end_of_stream=eos))
 
 
+async def read(call: Any, timeout: float = 5.0) -> Any:
+    """The next answer; a test that gets none fails instead of hanging (cancels the RPC)."""
+    return await asyncio.wait_for(call.read(), timeout)
+
+
 def destination(response: Any) -> str | None:
     phase = response.WhichOneof("response")
     if phase not in ("request_headers", "request_body"):
@@ -174,7 +192,7 @@ async def buffered_request(harness: Harness, payload: str = CHAT) -> tuple[Any, 
     """Open a stream and send a buffered chat request; returns (call, headers answer)."""
     call = harness.stub.Process()
     await call.write(headers("/v1/chat/completions"))
-    first = await call.read()
+    first = await read(call)
     assert first.WhichOneof("response") == "request_headers"
     await call.write(body(payload))
     return call, first
@@ -189,12 +207,12 @@ async def test_buffered_request_is_routed_to_the_available_replica(
     fakes[0].waiting = 3  # r0 has a queue: only r1 is available
     await healthy_and_available(server, {"r0": False, "r1": True})
     call, _ = await buffered_request(server)
-    answer = await call.read()
+    answer = await read(call)
     assert answer.WhichOneof("response") == "request_body"
     assert destination(answer) == fakes[1].address
     assert (await server.replica("r1"))["in_flight"] == 1
     await call.done_writing()
-    assert await call.read() == grpc.aio.EOF
+    assert await read(call) == grpc.aio.EOF
     await eventually(lambda: _in_flight(server, "r1", 0))
 
 
@@ -208,13 +226,13 @@ async def test_passthrough_get_is_routed_in_the_headers_answer(
     await healthy_and_available(server, {"r0": True, "r1": True})
     call = server.stub.Process()
     await call.write(headers("/v1/models", method="GET", eos=True))
-    answer = await call.read()
+    answer = await read(call)
     assert answer.WhichOneof("response") == "request_headers"
     assert destination(answer) in {fakes[0].address, fakes[1].address}
     call.cancel()
 
 
-async def test_duplex_request_routes_in_headers_and_echoes_the_chunks(
+async def test_duplex_request_routes_in_headers_with_the_whole_body(
     server: Harness, fakes: list[FakeReplica]
 ) -> None:
     fakes[1].waiting = 1
@@ -224,20 +242,19 @@ async def test_duplex_request_routes_in_headers_and_echoes_the_chunks(
     half = len(CHAT) // 2
     await call.write(body(CHAT[:half], eos=False))
     await call.write(body(CHAT[half:], eos=True))
-    first = await call.read()
-    assert first.WhichOneof("response") == "request_headers"
-    assert destination(first) == fakes[0].address
-    chunks = [await call.read(), await call.read()]
-    streamed = [c.request_body.response.body_mutation.streamed_response for c in chunks]
-    assert b"".join(s.body for s in streamed) == CHAT.encode()
-    assert [s.end_of_stream for s in streamed] == [False, True]
+    answer = await read(call)
+    assert answer.WhichOneof("response") == "request_headers"
+    assert destination(answer) == fakes[0].address
+    common = answer.request_headers.response
+    assert common.status == proto.CONTINUE_AND_REPLACE
+    assert common.body_mutation.body == CHAT.encode()
     call.cancel()
 
 
 async def test_bad_body_gets_400_and_is_counted(server: Harness) -> None:
     await healthy_and_available(server, {"r0": True, "r1": True})
     call, _ = await buffered_request(server, payload="{not json")
-    answer = await call.read()
+    answer = await read(call)
     assert answer.WhichOneof("response") == "immediate_response"
     assert answer.immediate_response.status.code == 400
     call.cancel()
@@ -251,12 +268,12 @@ async def test_request_waits_until_a_scrape_frees_a_replica(
     fakes[0].waiting = fakes[1].waiting = 2
     await healthy_and_available(server, {"r0": False, "r1": False})
     call, _ = await buffered_request(server)
-    read = asyncio.ensure_future(call.read())  # never cancel a read: that cancels the RPC
+    pending = asyncio.ensure_future(call.read())  # never cancel a read: that cancels the RPC
     await eventually(lambda: _queue_length(server, 1))
     await asyncio.sleep(0.1)
-    assert not read.done()
+    assert not pending.done()
     fakes[1].waiting = 0
-    answer = await asyncio.wait_for(read, 3.0)
+    answer = await asyncio.wait_for(pending, 3.0)
     assert destination(answer) == fakes[1].address
     assert (await server.state())["queue_length"] == 0
     call.cancel()
@@ -291,10 +308,29 @@ async def test_abort_after_routing_frees_in_flight(
     fakes[0].waiting = 1
     await healthy_and_available(server, {"r0": False, "r1": True})
     call, _ = await buffered_request(server)
-    assert destination(await call.read()) == fakes[1].address
+    assert destination(await read(call)) == fakes[1].address
     assert (await server.replica("r1"))["in_flight"] == 1
     call.cancel()
     await eventually(lambda: _in_flight(server, "r1", 0))
+
+
+async def test_deadline_and_full_queue_are_rejected(fakes: list[FakeReplica]) -> None:
+    fakes[0].waiting = fakes[1].waiting = 2
+    async with serving(fakes, max_length=1, max_wait_s=0.3) as server:
+        await healthy_and_available(server, {"r0": False, "r1": False})
+        first, _ = await buffered_request(server)
+        await eventually(lambda: _queue_length(server, 1))
+        second, _ = await buffered_request(server)
+        full = await read(second)
+        assert full.immediate_response.status.code == 429
+        expired = await read(first)  # the driver's timer fires at the queue deadline
+        assert expired.immediate_response.status.code == 503
+        assert b"deadline" in expired.immediate_response.body
+        first.cancel()
+        second.cancel()
+        _, text = await server.get("/metrics")
+    assert 'skylb_decisions_total{outcome="queue_full",policy="skylb"} 1.0' in text
+    assert 'skylb_decisions_total{outcome="deadline",policy="skylb"} 1.0' in text
 
 
 async def test_health_service_reports_serving(server: Harness) -> None:
@@ -340,13 +376,13 @@ async def test_graceful_stop_rejects_queued_and_drains_in_flight(fakes: list[Fak
     try:
         await healthy_and_available(harness, {"r0": False, "r1": True})
         routed, _ = await buffered_request(harness)
-        assert destination(await routed.read()) == fakes[1].address
+        assert destination(await read(routed)) == fakes[1].address
         fakes[1].waiting = 1  # r1 looks busy now: the next request queues
         await healthy_and_available(harness, {"r0": False, "r1": False})
         queued, _ = await buffered_request(harness)
         await eventually(lambda: _queue_length(harness, 1))
         stop.set()
-        rejected = await asyncio.wait_for(queued.read(), 3.0)
+        rejected = await read(queued)
         assert rejected.immediate_response.status.code == 503
         queued.cancel()  # as Envoy does after an immediate response
         assert (await harness.get("/readyz"))[0] == 503  # admin stays up during the grace
