@@ -33,16 +33,6 @@ from dataclasses import dataclass, field
 from skylb_extproc.sim.kvcache import BlockPool, block_hashes, estimate_tokens
 from skylb_extproc.sim.profiles import Profile
 
-__all__ = [
-    "EngineMetrics",
-    "Finished",
-    "FirstToken",
-    "ReplicaEngine",
-    "SimEvent",
-    "Tokens",
-    "estimate_tokens",
-]
-
 
 @dataclass(frozen=True, slots=True)
 class FirstToken:

@@ -31,8 +31,9 @@ import uuid
 from collections.abc import Awaitable, Callable, Iterable
 
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 from prometheus_client.registry import Collector
 
 from skylb_extproc.sim import openai_format as fmt
@@ -221,8 +222,8 @@ class SimReplica:
         return web.Response(status=200)
 
     async def _metrics(self, _request: web.Request) -> web.Response:
-        body = generate_latest(self.registry)
-        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+        body = generate_latest(self.registry)  # the classic text format, as vLLM serves it
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_PLAIN_0_0_4})
 
 
 def _token_count(event: SimEvent) -> int:
@@ -245,8 +246,15 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         return web.Response(status=exc.status, body=body, content_type="application/json")
 
 
+# vLLM V1's metric help texts (vllm/v1/metrics/loggers.py).
+_RUNNING_DOC = "Number of requests in model execution batches."
+_WAITING_DOC = "Number of requests waiting to be processed."
+_KV_DOC = "KV-cache usage. 1 means 100 percent usage."
 _QUERIES_DOC = "Prefix cache queries, in terms of number of queried tokens."
 _HITS_DOC = "Prefix cache hits, in terms of number of cached tokens."
+_PREEMPT_DOC = "Cumulative number of preemption from the engine."
+_PROMPT_DOC = "Number of prefill tokens processed."
+_GENERATION_DOC = "Number of generation tokens processed."
 
 
 class _VllmCollector(Collector):
@@ -259,35 +267,27 @@ class _VllmCollector(Collector):
         m = self._replica.metrics()
         labels = {"model_name": self._replica.model, "engine": "0"}
         gauges = (
-            (
-                "vllm:num_requests_running",
-                "Number of requests in model execution batches.",
-                m.running,
-            ),
-            ("vllm:num_requests_waiting", "Number of requests waiting to be processed.", m.waiting),
-            ("vllm:kv_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage.", m.kv_usage),
+            ("vllm:num_requests_running", _RUNNING_DOC, m.running),
+            ("vllm:num_requests_waiting", _WAITING_DOC, m.waiting),
+            ("vllm:kv_cache_usage_perc", _KV_DOC, m.kv_usage),
         )
         for name, doc, value in gauges:
             yield _gauge(name, doc, labels, value)
         counters = (
             ("vllm:prefix_cache_queries", _QUERIES_DOC, m.prefix_cache_queries),
             ("vllm:prefix_cache_hits", _HITS_DOC, m.prefix_cache_hits),
-            (
-                "vllm:num_preemptions",
-                "Cumulative number of preemption from the engine.",
-                m.num_preemptions,
-            ),
-            ("vllm:prompt_tokens", "Number of prefill tokens processed.", m.prompt_tokens_total),
-            (
-                "vllm:generation_tokens",
-                "Number of generation tokens processed.",
-                m.generation_tokens_total,
-            ),
+            ("vllm:num_preemptions", _PREEMPT_DOC, m.num_preemptions),
+            ("vllm:prompt_tokens", _PROMPT_DOC, m.prompt_tokens_total),
+            ("vllm:generation_tokens", _GENERATION_DOC, m.generation_tokens_total),
         )
         for name, doc, value in counters:
             family = CounterMetricFamily(name, doc, labels=list(labels))
             family.add_metric(list(labels.values()), value)
             yield family
+        yield self._success(m, labels)
+        yield self._cache_config(m)
+
+    def _success(self, m: EngineMetrics, labels: dict[str, str]) -> Metric:
         success = CounterMetricFamily(
             "vllm:request_success",
             "Count of successfully processed requests.",
@@ -296,8 +296,7 @@ class _VllmCollector(Collector):
         reasons = (("stop", 0), ("length", m.finished_length), ("abort", m.finished_abort))
         for reason, count in reasons:
             success.add_metric([*labels.values(), reason], count)
-        yield success
-        yield self._cache_config(m)
+        return success
 
     def _cache_config(self, m: EngineMetrics) -> Metric:
         # vLLM renders CacheConfig's fields as labels (plus engine) of a gauge set to 1.
