@@ -86,20 +86,30 @@ def build_parser() -> argparse.ArgumentParser:
 
     sim = sub.add_parser("sim-replica", help="run one simulated vLLM replica (HTTP)")
     sim.add_argument("--host", default="127.0.0.1")
-    sim.add_argument("--port", type=int, required=True)
+    sim.add_argument("--port", type=int, required=True, help="0 = pick a free port")
     sim.add_argument("--name", default="sim")
     sim.add_argument("--profile", default="l4-llama3.1-8b")
     sim.add_argument("--time-scale", type=_positive_float, default=1.0)
+    sim.add_argument("--served-model-name", default=None, help="reject other model names")
+    sim.add_argument("--headers-on-accept", action="store_true", help="send headers at once")
     sim.set_defaults(handler=_sim_replica)
-
-    demo = sub.add_parser("demo", help="start replicas, skylb and Envoy per region; send traffic")
-    demo.add_argument("--replicas-per-region", type=int, default=3)
-    demo.add_argument("--policy", default="skylb")
-    demo.add_argument("--traffic", type=int, default=200, help="number of requests to send")
-    demo.add_argument("--body-mode", choices=("buffered", "duplex"), default="buffered")
-    demo.add_argument("--time-scale", type=_positive_float, default=1.0)
-    demo.set_defaults(handler=_demo)
+    _add_demo(sub)
     return parser
+
+
+def _add_demo(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    # Mirrors demo.add_demo_arguments without importing the demo (and its dependencies) here.
+    demo = sub.add_parser("demo", help="start replicas, skylb and Envoy; optionally send traffic")
+    demo.add_argument("--replicas-per-region", type=int, default=3)
+    demo.add_argument("--profile", default="l4-llama3.1-8b")
+    demo.add_argument("--time-scale", type=_positive_float, default=1.0)
+    demo.add_argument("--body-mode", choices=("buffered", "duplex"), default="buffered")
+    demo.add_argument("--policy", default="skylb")
+    demo.add_argument("--traffic", type=int, default=0, help="send N requests, then exit")
+    demo.add_argument("--concurrency", type=int, default=8)
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--workdir", default=None, help="keep configs and logs here")
+    demo.set_defaults(handler=_demo)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
