@@ -36,6 +36,7 @@ __all__ = ["SCRAPE_INTERVAL_S", "RunResult", "Simulation", "to_scraped"]
 
 SCRAPE_INTERVAL_S = 0.1
 SAMPLE_INTERVAL_S = 1.0
+WARMUP_S = 1.0
 # Event kinds, in the order they run at equal times. WAKE runs last so that requests reaching a
 # replica at the same instant share its next step, as they would in vLLM.
 (SEND, LB_REQUEST, LB_STARTED, LB_FINISHED, TICK, REMOTE_SAMPLE, REMOTE_DELIVER, PEER_SAMPLE,
@@ -67,7 +68,6 @@ class _Flight:
 class RunResult:
     records: list[RequestRecord]
     timeline: Timeline
-    makespan_s: float
 
 
 class Simulation:
@@ -92,6 +92,7 @@ class Simulation:
         self._wake_at: dict[str, float] = {}
         self._timer_at: dict[str, float] = {}
         self._on_done = on_done
+        self._t0 = 0.0
         self.timeline = Timeline(list(dict.fromkeys(system.replica_region.values())))
         self._handlers: dict[int, Callable[[Any], None]] = {
             SEND: self._on_send, LB_REQUEST: self._on_lb_request, LB_STARTED: self._on_started,
@@ -107,16 +108,19 @@ class Simulation:
         heapq.heappush(self._heap, (t, kind, self._seq, payload))
 
     def run(self) -> RunResult:
-        for req in self.workload.start():
+        first = self.workload.start()
+        for req in first:
             self._schedule_send(req)
-        self.push(0.0, TICK, None)
-        self.push(0.0, SAMPLE, None)
+        # The system was running before the trace starts: replicas are scraped (healthy) and
+        # peers polled by the first arrival, so no policy rejects it for lack of a first scrape.
+        self._t0 = min((r.arrival for r in first), default=0.0) - WARMUP_S
+        self.push(self._t0, TICK, 0)
+        self.push(self._t0 + WARMUP_S, SAMPLE, None)
         while self._heap:
             t, kind, _, payload = heapq.heappop(self._heap)
             self.now = t
             self._handlers[kind](payload)
-        first = min((r.arrival for r in self._records), default=0.0)
-        return RunResult(self._records, self.timeline, self.now - first)
+        return RunResult(self._records, self.timeline)
 
     # --- clients ----------------------------------------------------------------------------
 
@@ -278,7 +282,7 @@ class Simulation:
 
     # --- polling ----------------------------------------------------------------------------
 
-    def _on_tick(self, _: None) -> None:
+    def _on_tick(self, k: int) -> None:
         for region, replicas in self.s.scrapes.items():
             by_region: dict[str, list[str]] = {}
             for name in replicas:
@@ -288,8 +292,8 @@ class Simulation:
                           (region, where, self.now, names))  # fmt: skip
             for peer in self.s.peers.get(region, []):
                 self.push(self.now + self._rtt(region, peer), PEER_SAMPLE, (region, peer))
-        if self._open > 0:
-            self.push(self.now + SCRAPE_INTERVAL_S, TICK, None)
+        if self._open > 0:  # tick k at t0 + k * interval: no drift from repeated additions
+            self.push(self._t0 + (k + 1) * SCRAPE_INTERVAL_S, TICK, k + 1)
 
     def _on_sample(self, payload: tuple[str, str, float, list[str]]) -> None:
         region, where, started, names = payload

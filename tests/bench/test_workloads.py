@@ -108,12 +108,12 @@ def test_oracle_on_a_handmade_trace() -> None:
     reqs = [
         req(0, ((1, 2048),)),  # 512 tokens, nothing seen: 0
         req(1, ((1, 2048), (2, 400))),  # 612 tokens: block 1 fully cached = 512
-        req(2, ((1, 2048),)),  # 512 tokens, all seen: 511 (one token is always computed)
+        req(2, ((1, 2048),)),  # 512 tokens, all seen: 31 blocks = 496 (the last is recomputed)
         req(
             3, ((1, 1000), (3, 1048))
         ),  # 512 tokens sharing 1000 chars = 250 tok -> 15 blocks = 240
     ]
-    assert oracle_hit_rate(reqs) == pytest.approx((0 + 512 + 511 + 240) / (512 + 612 + 512 + 512))
+    assert oracle_hit_rate(reqs) == pytest.approx((0 + 512 + 496 + 240) / (512 + 612 + 512 + 512))
 
 
 def test_regions_weights_rtt() -> None:
