@@ -25,7 +25,11 @@ def _serve(args: argparse.Namespace) -> int:
     from skylb_extproc.server.app import run_server
 
     config = load_config(args.config)
-    _run(run_server(config))  # prints {"grpc": port, "admin": port} once serving
+    try:
+        _run(run_server(config))  # prints {"grpc": port, "admin": port} once serving
+    except OSError as exc:  # a port in use, typically: one line, not a traceback
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 
