@@ -6,13 +6,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import signal
-import socket
-import subprocess
-import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -22,7 +17,6 @@ from aiohttp import web
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from skylb_extproc.cli import main
 from skylb_extproc.config import (
     Config,
     ListenConfig,
@@ -397,43 +391,3 @@ async def test_graceful_stop_rejects_queued_and_drains_in_flight(fakes: list[Fak
         await asyncio.wait_for(task, 2.0)  # well within the 5 s grace: the drain ended it
     finally:
         await _close(harness)
-
-
-SERVE_CONFIG = """
-region: us
-listen: {grpc: "127.0.0.1:%d", admin: "127.0.0.1:0"}
-replicas:
-  - {name: r0, address: "127.0.0.1:9"}
-"""
-
-
-def test_serve_prints_ports_and_exits_0_on_sigterm(tmp_path: Path) -> None:
-    path = tmp_path / "skylb.yaml"
-    path.write_text(SERVE_CONFIG % 0)
-    child = subprocess.Popen(
-        [sys.executable, "-m", "skylb_extproc", "serve", "--config", str(path)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert child.stdout is not None
-        ports = json.loads(child.stdout.readline())
-        assert set(ports) == {"grpc", "admin"} and all(p > 0 for p in ports.values())
-        child.send_signal(signal.SIGTERM)
-        assert child.wait(timeout=20) == 0
-    finally:
-        child.kill()
-        child.communicate()
-
-
-def test_serve_on_a_busy_port_fails_cleanly(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    with socket.socket() as busy:
-        busy.bind(("127.0.0.1", 0))
-        busy.listen()
-        path = tmp_path / "skylb.yaml"
-        path.write_text(SERVE_CONFIG % busy.getsockname()[1])
-        assert main(["serve", "--config", str(path)]) == 1
-    assert "cannot bind gRPC" in capsys.readouterr().err
