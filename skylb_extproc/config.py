@@ -25,9 +25,6 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 
-# Policy names from docs/internals.md; used only when policy/base.py is not importable yet.
-KNOWN_POLICIES = ("skylb", "prefix_affinity", "least_load", "round_robin", "consistent_hash")
-
 _REGION_RE = re.compile(r"^[a-z0-9-]+$")
 _HOSTNAME_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9.-]{0,251}[A-Za-z0-9])?$")
 
@@ -279,12 +276,9 @@ def _policy(s: _Section) -> PolicyConfig:
 
 def validate_policy(name: str, params: Mapping[str, Any]) -> None:
     """Build the policy once so unknown names and bad params fail at load time."""
-    try:
-        from skylb_extproc.policy.base import make_policy
-    except ImportError:  # the routing core is not installed yet: check the documented names
-        if name not in KNOWN_POLICIES:
-            raise ConfigError("policy.name", f"unknown policy {name!r}") from None
-        return
+    # Imported here: the policy registry imports every policy module, which parsing needs only now.
+    from skylb_extproc.policy.base import make_policy
+
     try:
         make_policy(name, params)
     except ConfigError as exc:

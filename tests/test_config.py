@@ -89,7 +89,9 @@ def test_minimal_config_takes_documented_defaults() -> None:
 
 
 def test_render_yaml_round_trips() -> None:
-    config = parse_config(example())
+    data = example()
+    data["policy"] = {"name": "consistent_hash", "params": {"virtual_nodes": 64}}
+    config = parse_config(data)
     assert parse_config(yaml.safe_load(render_yaml(config))) == config
 
 
@@ -131,6 +133,7 @@ BAD = [
     ("replicas.0.metrics_url", "ftp://x/metrics", "replicas[0].metrics_url", "http"),
     ("policy.name", "fastest", "policy.name", "fastest"),
     ("policy.params", [1], "policy.params", "mapping"),
+    ("policy.params", {"bogus": 1}, "policy.params.bogus", "unknown"),
     ("prefix.block_chars", 0, "prefix.block_chars", ">= 1"),
     ("prefix.block_chars", True, "prefix.block_chars", "integer"),
     ("prefix.max_blocks_per_request", 1.5, "prefix.max_blocks_per_request", "integer"),

@@ -391,3 +391,16 @@ async def test_graceful_stop_rejects_queued_and_drains_in_flight(fakes: list[Fak
         await asyncio.wait_for(task, 2.0)  # well within the 5 s grace: the drain ended it
     finally:
         await _close(harness)
+
+
+async def test_unsupported_body_mode_fails_the_stream(server: Harness) -> None:
+    call = server.stub.Process()
+    await call.write(headers("/v1/chat/completions", mode=1))  # STREAMED: cannot carry a route
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await read(call)
+    assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+
+    async def closed() -> bool:
+        return bool((await server.state())["streams_active"] == 0)
+
+    await eventually(closed)

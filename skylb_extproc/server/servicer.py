@@ -79,6 +79,7 @@ class ExtProcServicer(external_processor_pb2_grpc.ExternalProcessorServicer):  #
     def __init__(self, driver: Driver, *, max_body_bytes: int) -> None:
         self._driver = driver
         self._max_body_bytes = max_body_bytes
+        self._mode_error_logged = False
 
     async def Process(  # the gRPC method name, hence CamelCase
         self, request_iterator: AsyncIterable[Any], context: grpc.aio.ServicerContext[Any, Any]
@@ -94,7 +95,10 @@ class ExtProcServicer(external_processor_pb2_grpc.ExternalProcessorServicer):  #
                 for response in responses:
                     yield response
         except UnsupportedMode as exc:
-            log.error("ext_proc stream %s: %s", machine.request_id, exc)
+            # An Envoy config error hits every stream: say it loudly once, not per request.
+            level = logging.DEBUG if self._mode_error_logged else logging.ERROR
+            self._mode_error_logged = True
+            log.log(level, "ext_proc stream %s: %s", machine.request_id, exc)
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
         except Exception as exc:  # one broken stream must not take the server down with it
             log.exception("ext_proc stream %s failed", machine.request_id)
