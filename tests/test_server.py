@@ -24,7 +24,6 @@ from skylb_extproc.config import (
     ScrapeConfig,
 )
 from skylb_extproc.envoy import proto
-from skylb_extproc.server.admin import ready
 from skylb_extproc.server.app import HEALTH_SERVICES, RunningServer, run_server, start_server
 from skylb_extproc.types import ReplicaSpec
 
@@ -353,12 +352,6 @@ async def test_admin_endpoints(server: Harness) -> None:
     assert 'skylb_replica_healthy{replica="r0"} 1.0' in text
     assert "skylb_queue_length 0.0" in text
     assert 'skylb_decisions_total{outcome="routed",policy="skylb"} 0.0' in text
-
-
-async def test_readyz_fails_without_healthy_replicas() -> None:
-    assert not ready({"replicas": [{"name": "r0", "healthy": False}]})
-    assert not ready({"replicas": [{"name": "r0", "healthy": True}], "shutting_down": True})
-    assert ready({"replicas": [{"name": "r0", "healthy": True}], "shutting_down": False})
 
 
 async def test_graceful_stop_rejects_queued_and_drains_in_flight(fakes: list[FakeReplica]) -> None:

@@ -9,6 +9,7 @@ from typing import Any, cast
 import prometheus_client
 import pytest
 
+from skylb_extproc.server.admin import ready
 from skylb_extproc.server.driver import Driver
 from skylb_extproc.server.metrics import ServerMetrics
 from skylb_extproc.types import Dispatch, Outcome, Reject, Route, RouteRequest, ScrapedMetrics
@@ -161,3 +162,9 @@ async def test_an_earlier_deadline_rearms_the_timer(deadline_in: float) -> None:
     await asyncio.sleep(max(deadline_in, 0) + 0.1)
     assert ("timer", pytest.approx(driver.now(), abs=0.2)) in router.calls
     driver.close()
+
+
+def test_readyz_fails_without_healthy_replicas() -> None:
+    assert not ready({"replicas": [{"name": "r0", "healthy": False}]})
+    assert not ready({"replicas": [{"name": "r0", "healthy": True}], "shutting_down": True})
+    assert ready({"replicas": [{"name": "r0", "healthy": True}], "shutting_down": False})
