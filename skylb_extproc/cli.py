@@ -1,4 +1,4 @@
-"""Command line: `skylb-extproc serve | check-config | sim-replica | demo`.
+"""Command line: `skylb-extproc serve | check-config | sim-replica | demo | bench`.
 
 Heavy imports (grpc, aiohttp, the simulator, the demo) happen inside the handlers, so
 `check-config` stays fast and works even when optional parts of the package are missing.
@@ -51,6 +51,12 @@ def _demo(args: argparse.Namespace) -> int:
     return _result(main_demo(args))
 
 
+def _bench(args: argparse.Namespace) -> int:
+    from skylb_extproc.bench.cli import main as main_bench
+
+    return _result(main_bench(list(args.rest)))
+
+
 def _result(value: object) -> int:
     """Accept an int, None, or a coroutine from the delegated entry points."""
     if inspect.iscoroutine(value):
@@ -98,6 +104,11 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--headers-on-accept", action="store_true", help="send headers at once")
     sim.set_defaults(handler=_sim_replica)
     _add_demo(sub)
+    # The bench has its own parser (and heavy imports): everything after `bench` goes to it.
+    bench = sub.add_parser(
+        "bench", help="replay a trace through the compared systems", add_help=False
+    )
+    bench.set_defaults(handler=_bench, takes_rest=True)
     return parser
 
 
@@ -117,7 +128,11 @@ def _add_demo(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    if rest and not getattr(args, "takes_rest", False):
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    args.rest = rest
     logging.basicConfig(
         level=str(args.log_level).upper(),
         stream=sys.stderr,

@@ -1,4 +1,4 @@
-"""`skylb-extproc serve` as a process: the ready line, SIGTERM, a busy port."""
+"""The CLI: `serve` as a process (ready line, SIGTERM, busy port), argument routing."""
 
 from __future__ import annotations
 
@@ -51,3 +51,23 @@ def test_serve_on_a_busy_port_fails_cleanly(
         path.write_text(SERVE_CONFIG % busy.getsockname()[1])
         assert main(["serve", "--config", str(path)]) == 1
     assert "cannot bind gRPC" in capsys.readouterr().err
+
+
+def test_bench_gets_every_argument_after_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    import skylb_extproc.bench.cli as bench_cli
+
+    seen: list[list[str]] = []
+
+    def fake_main(argv: list[str]) -> int:
+        seen.append(argv)
+        return 7
+
+    monkeypatch.setattr(bench_cli, "main", fake_main)
+    assert main(["--log-level", "WARNING", "bench", "--trace", "t.jsonl", "--quiet"]) == 7
+    assert seen == [["--trace", "t.jsonl", "--quiet"]]
+
+
+def test_other_commands_reject_unknown_arguments() -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["check-config", "x.yaml", "--bogus"])
+    assert info.value.code == 2
