@@ -104,7 +104,7 @@ Action = Send | Decide | Started | Fail
 
 class _State(enum.Enum):
     HEADERS = "headers"  # waiting for the request headers
-    BODY = "body"  # collecting an inference body
+    BODY = "body"  # collecting a body (inference; any body in duplex)
     DECIDING = "deciding"  # Decide emitted, waiting for decided()
     ROUTED = "routed"  # route sent; the request flows upstream
     CLOSED = "closed"  # immediate response sent; Envoy sends nothing more that needs an answer
