@@ -20,10 +20,11 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
+from typing import cast
 
 _PR_SET_PDEATHSIG = 1
 _LINUX = sys.platform.startswith("linux")
@@ -33,11 +34,24 @@ class ChildError(RuntimeError):
     """A child died, or did not become ready in time; the message carries its stderr tail."""
 
 
+def _resolve_prctl() -> Callable[..., int] | None:
+    """libc's prctl, looked up in the parent: the forked child must not dlopen (a lock another
+    thread held at fork time would deadlock it), only call an already-resolved function."""
+    if not _LINUX:
+        return None
+    try:
+        return cast("Callable[..., int]", ctypes.CDLL(None, use_errno=True).prctl)
+    except (OSError, AttributeError):
+        return None
+
+
+_PRCTL = _resolve_prctl()
+
+
 def _die_with_parent() -> None:  # pragma: no cover - runs in the forked child
     """preexec_fn: SIGKILL this child when the thread that started it exits (Linux only)."""
-    with contextlib.suppress(OSError, AttributeError):
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    if _PRCTL is not None:
+        _PRCTL(_PR_SET_PDEATHSIG, int(signal.SIGKILL))
 
 
 @dataclass
@@ -138,7 +152,7 @@ class Supervisor:
                 env=dict(env) if env is not None else None,
                 cwd=cwd,
                 start_new_session=True,
-                preexec_fn=_die_with_parent if die_with_parent and _LINUX else None,
+                preexec_fn=_die_with_parent if die_with_parent and _PRCTL else None,
             )
         child = Child(name, popen, stdout_path, stderr_path)
         self.children.append(child)
