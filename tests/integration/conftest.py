@@ -64,25 +64,35 @@ def region(
         yield stack
 
 
-@pytest.fixture(scope="module")
-def busy_region(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RegionStack]:
-    """Two tiny replicas: a handful of concurrent requests makes every replica unavailable."""
-    with running_region(tmp_path_factory.mktemp("busy"), TINY) as stack:
+@pytest.fixture(scope="module", params=["buffered", "duplex"])
+def busy_region(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[RegionStack]:
+    """Two tiny replicas: a handful of concurrent requests makes every replica unavailable.
+
+    Both body modes: a request waits on a different ext_proc message in each (the body in
+    BUFFERED, the last chunk in duplex), under the same message_timeout.
+    """
+    opts = replace(TINY, body_mode=request.param)
+    with running_region(tmp_path_factory.mktemp(f"busy-{request.param}"), opts) as stack:
         yield stack
 
 
-@pytest.fixture(scope="module")
-def limits_region(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RegionStack]:
+@pytest.fixture(scope="module", params=["buffered", "duplex"])
+def limits_region(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[RegionStack]:
     """One slow tiny replica, a queue of 1 with a 0.5 s deadline, 64 KiB bodies."""
     opts = replace(
         TINY,
+        body_mode=request.param,
         replicas=1,
         time_scale=0.25,
         queue_max_length=1,
         queue_max_wait_s=0.5,
         max_body_bytes=64 * 1024,
     )
-    with running_region(tmp_path_factory.mktemp("limits"), opts) as stack:
+    with running_region(tmp_path_factory.mktemp(f"limits-{request.param}"), opts) as stack:
         yield stack
 
 
