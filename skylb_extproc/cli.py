@@ -101,7 +101,11 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--profile", default="l4-llama3.1-8b")
     sim.add_argument("--time-scale", type=_positive_float, default=1.0)
     sim.add_argument("--served-model-name", default=None, help="reject other model names")
-    sim.add_argument("--headers-on-accept", action="store_true", help="send headers at once")
+    sim.add_argument(
+        "--headers-at-first-token",
+        action="store_true",
+        help="delay streaming response headers to the first token (vLLM sends them on accept)",
+    )
     sim.set_defaults(handler=_sim_replica)
     _add_demo(sub)
     # The bench has its own parser (and heavy imports): everything after `bench` goes to it.

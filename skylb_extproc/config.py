@@ -67,6 +67,7 @@ class ScrapeConfig:
     timeout_s: float = 0.5
     stale_after_s: float = 1.0
     max_pending: int = 0
+    confirm_on_response_headers: bool = False
 
 
 @dataclass(frozen=True)
@@ -96,6 +97,7 @@ class Config:
             queue_max_wait_s=self.queue.max_wait_s,
             stale_after_s=self.scrape.stale_after_s,
             max_pending=self.scrape.max_pending,
+            confirm_on_headers=self.scrape.confirm_on_response_headers,
         )
 
     def summary(self) -> str:
@@ -155,6 +157,12 @@ def _kind(value: object) -> str:
 def as_str(value: object, path: str) -> str:
     if not isinstance(value, str):
         raise ConfigError(path, f"expected a string, got {_kind(value)}")
+    return value
+
+
+def as_bool(value: object, path: str) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(path, f"expected true or false, got {_kind(value)}")
     return value
 
 
@@ -313,6 +321,7 @@ _FIELD_CHECKS: dict[type, dict[str, Callable[[object, str], Any]]] = {
         "timeout_s": _POSITIVE,
         "stale_after_s": _POSITIVE,
         "max_pending": as_int(0),
+        "confirm_on_response_headers": as_bool,
     },
 }
 

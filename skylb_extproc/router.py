@@ -63,6 +63,9 @@ class RouterSettings:
     queue_max_wait_s: float = 30.0
     stale_after_s: float = 1.0
     max_pending: int = 0
+    # Response headers prove the engine took the request only if it sends them at the first
+    # token. vLLM's OpenAI server sends them on accept, while the request may still be queued.
+    confirm_on_headers: bool = False
 
 
 class Router:
@@ -109,8 +112,9 @@ class Router:
         return out
 
     def on_started(self, request_id: str, now: float) -> list[Dispatch]:
-        """Response headers seen: the replica took the request, it no longer counts as pending."""
-        self._load.on_started(request_id, now)
+        """Response headers seen; with `confirm_on_headers` the request no longer counts as pending."""
+        if self._settings.confirm_on_headers:
+            self._load.on_started(request_id, now)
         return self._advance(now) + self._poll(now)
 
     def on_finished(self, request_id: str, now: float) -> list[Dispatch]:

@@ -28,7 +28,9 @@ SPECS = [
 IDLE = ScrapedMetrics(waiting=0, running=0)
 BUSY = ScrapedMetrics(waiting=1, running=8)
 # Small blocks keep prompts short; staleness far away unless a test is about it.
-SETTINGS = RouterSettings(block_chars=8, stale_after_s=100.0, queue_max_wait_s=5.0)
+SETTINGS = RouterSettings(
+    block_chars=8, stale_after_s=100.0, queue_max_wait_s=5.0, confirm_on_headers=True
+)
 
 
 def make(
@@ -333,3 +335,16 @@ def test_next_deadline_includes_staleness_and_state() -> None:
 def test_needs_replicas() -> None:
     with pytest.raises(ValueError):
         Router(SETTINGS, [], make_policy("skylb", {}), random.Random(0))
+
+
+def test_response_headers_do_not_confirm_by_default() -> None:
+    """vLLM sends headers on accept: by default only a later scrape clears our dispatch."""
+    settings = dataclasses.replace(SETTINGS, confirm_on_headers=False)
+    router = Router(settings, SPECS[:1], make_policy("skylb", {}), random.Random(0))
+    assert router.on_scrape("r0", IDLE, started_at=0.0, now=0.0) == []
+    assert router.on_request(chat("a", P), 1.0) == [routed("a", "r0", "least_load")]
+    assert router.on_request(chat("b", Q), 1.25) == []
+    assert router.on_started("a", 1.375) == []
+    assert router.on_scrape("r0", IDLE, started_at=1.4375, now=1.5) == [
+        routed("b", "r0", "least_load", waited=0.25, matched=8 / 35)
+    ]

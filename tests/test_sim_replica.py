@@ -190,7 +190,7 @@ async def test_waiting_visible_headers_at_first_token_and_cancel_on_disconnect(
     http: aiohttp.ClientSession,
 ) -> None:
     """Real time (scale 1): two 60-token streams hold tiny's 2 slots for ~0.7 s."""
-    async with running(time_scale=1.0) as url:
+    async with running(time_scale=1.0, headers_on_accept=False) as url:
         busy = chat("x", max_tokens=60, stream=True)
         holders = [asyncio.create_task(_read_all(http, url, busy)) for _ in range(2)]
         await asyncio.sleep(0.05)
@@ -237,8 +237,8 @@ async def test_waiting_counted_while_clients_wait(http: aiohttp.ClientSession) -
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
-async def test_headers_on_accept_mode(http: aiohttp.ClientSession) -> None:
-    async with running(time_scale=1.0, headers_on_accept=True) as url:
+async def test_headers_on_accept_by_default(http: aiohttp.ClientSession) -> None:
+    async with running(time_scale=1.0) as url:
         busy = chat("x", max_tokens=60, stream=True)
         holders = [asyncio.create_task(_read_all(http, url, busy)) for _ in range(2)]
         await asyncio.sleep(0.05)

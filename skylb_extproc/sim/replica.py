@@ -12,9 +12,9 @@ CollectorRegistry). Every response carries `x-inference-pod: <name>` (as llm-d-i
 Deliberate choices (see also `sim/openai_format.py`):
 - Any model name is accepted and echoed back unless `served_model_name` is given; then another
   name is answered 404 `NotFoundError`, as vLLM does.
-- Streaming response headers are sent with the first token, so the balancer can read the response
-  headers as "service started". Real vLLM (FastAPI StreamingResponse) sends its headers as soon as
-  the request is accepted, before queueing: `headers_on_accept=True` reproduces that.
+- Streaming response headers are sent as soon as the request is accepted, before it may queue,
+  as real vLLM (FastAPI StreamingResponse) does; the balancer must not read them as "service
+  started". `headers_on_accept=False` delays them to the first token instead (SGLang-like).
 - A client that disconnects (aiohttp handler cancellation) is cancelled in the engine.
 """
 
@@ -61,7 +61,7 @@ class SimReplica:
         profile: Profile,
         time_scale: float = 1.0,
         served_model_name: str | None = None,
-        headers_on_accept: bool = False,
+        headers_on_accept: bool = True,
     ) -> None:
         if time_scale <= 0:
             raise ValueError("time_scale must be > 0")
@@ -327,7 +327,7 @@ async def serve_replica(
     time_scale: float = 1.0,
     ready: Callable[[int], None] | None = None,
     served_model_name: str | None = None,
-    headers_on_accept: bool = False,
+    headers_on_accept: bool = True,
 ) -> None:
     """Serve one simulated replica until cancelled; port 0 picks a free port, given to `ready`."""
     if profile not in PROFILES:
@@ -374,7 +374,7 @@ def main_sim_replica(args: argparse.Namespace) -> int:
                 time_scale=args.time_scale,
                 ready=ready,
                 served_model_name=getattr(args, "served_model_name", None),
-                headers_on_accept=getattr(args, "headers_on_accept", False),
+                headers_on_accept=not getattr(args, "headers_at_first_token", False),
             )
         )
         stopper = asyncio.create_task(stop.wait())
