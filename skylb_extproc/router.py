@@ -112,7 +112,7 @@ class Router:
         return out
 
     def on_started(self, request_id: str, now: float) -> list[Dispatch]:
-        """Response headers seen; with `confirm_on_headers` the request stops counting as pending."""
+        """Response headers seen: with `confirm_on_headers`, no longer pending."""
         if self._settings.confirm_on_headers:
             self._load.on_started(request_id, now)
         return self._advance(now) + self._poll(now)
