@@ -93,6 +93,7 @@ class Simulation:
         self._timer_at: dict[str, float] = {}
         self._on_done = on_done
         self._t0 = 0.0
+        self._summaries: dict[str, tuple[float, Any]] = {}
         self.timeline = Timeline(list(dict.fromkeys(system.replica_region.values())))
         self._handlers: dict[int, Callable[[Any], None]] = {
             SEND: self._on_send, LB_REQUEST: self._on_lb_request, LB_STARTED: self._on_started,
@@ -303,12 +304,17 @@ class Simulation:
     def _on_deliver(self, payload: tuple[str, float, list[tuple[str, ScrapedMetrics]]]) -> None:
         region, started, got = payload
         lb = self.s.balancers[region]
+        actions: list[Action] = []
         for name, metrics in got:
-            self._act(region, lb.on_scrape(name, metrics, started_at=started, now=self.now))
+            actions += lb.on_scrape(name, metrics, started_at=started, now=self.now)
+        self._act(region, actions)  # performed in order, as if one by one: same pushes
 
     def _on_peer_sample(self, payload: tuple[str, str]) -> None:
         region, peer = payload
-        summary = self.s.balancers[peer].summary(self.now)
+        cached = self._summaries.get(peer)
+        if cached is None or cached[0] != self.now:  # several peers poll at the same instant
+            cached = self._summaries[peer] = (self.now, self.s.balancers[peer].summary(self.now))
+        summary = cached[1]
         self.push(self.now + self._rtt(peer, region), PEER_DELIVER, (region, summary))
 
     def _on_peer_deliver(self, payload: tuple[str, Any]) -> None:

@@ -23,7 +23,8 @@ from __future__ import annotations
 
 import random
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
+from typing import Any
 
 from skylb_extproc.bench.balancer import RegionBalancer
 from skylb_extproc.bench.regions import RttMatrix
@@ -52,7 +53,14 @@ POLICIES: tuple[str, ...] = tuple(_TABLE)
 # Waiting is part of the latency being measured, so the balancer's queue neither fills nor
 # expires in a benchmark (the live defaults, 1024 entries and 30 s, would turn an overload
 # into 429/503 answers for the selective policies only, and make them look better).
-BENCH_ROUTER_SETTINGS = RouterSettings(queue_max_length=1_000_000, queue_max_wait_s=1e9)
+# The evaluator calls `on_started` at the first token, which proves the engine took the request:
+# tell the Router so (`confirm_on_headers`, where the Router has it).
+_CONFIRM: dict[str, Any] = {
+    f.name: True for f in fields(RouterSettings) if f.name == "confirm_on_headers"
+}
+BENCH_ROUTER_SETTINGS = replace(
+    RouterSettings(queue_max_length=1_000_000, queue_max_wait_s=1e9), **_CONFIRM
+)
 
 
 @dataclass
