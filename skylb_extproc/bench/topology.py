@@ -85,6 +85,21 @@ def _router(
     return Router(BENCH_ROUTER_SETTINGS, specs, make_policy(policy, params), random.Random(seed))
 
 
+def _regional_balancer(
+    name: str, region: str, regions: Sequence[str], specs: list[ReplicaSpec], rtt: RttMatrix,
+    seed: int,
+) -> RegionBalancer:  # fmt: skip
+    policy, params, _, mode = _TABLE[name]
+    router = _router(policy, params, specs, f"{seed}:{name}:{region}")
+    planner = peers = None
+    if mode is not None:
+        settings = SpillSettings(mode="hash" if mode == "hash" else "prefix")
+        planner = SpillPlanner(region, regions, settings)
+        peers = PeerTable({p: rtt.one_way(region, p) for p in regions if p != region})
+    block = BENCH_ROUTER_SETTINGS.block_chars
+    return RegionBalancer(region, router, block_chars=block, planner=planner, peers=peers)
+
+
 def build_system(
     name: str,
     regions: Sequence[str],
@@ -99,42 +114,17 @@ def build_system(
     engines = {n: ReplicaEngine(profile, n) for r in regions for n in names[r]}
     where = {n: r for r in regions for n in names[r]}
     specs = {n: ReplicaSpec(n, f"{n}:8000", f"http://{n}:8000/metrics") for n in engines}
-    block = BENCH_ROUTER_SETTINGS.block_chars
     if not per_region:
         home = regions[0]
         router = _router(policy, params, list(specs.values()), f"{seed}:{name}:{home}")
-        lb = RegionBalancer(home, router, block_chars=block)
-        return System(
-            name,
-            {home: lb},
-            engines,
-            where,
-            {home: list(engines)},
-            dict.fromkeys(regions, home),
-            False,
-            rtt,
-            profile.model,
-        )
-    balancers: dict[str, RegionBalancer] = {}
-    for r in regions:
-        router = _router(policy, params, [specs[n] for n in names[r]], f"{seed}:{name}:{r}")
-        planner = peers = None
-        if mode is not None:
-            planner = SpillPlanner(
-                r, regions, SpillSettings(mode="hash" if mode == "hash" else "prefix")
-            )
-            peers = PeerTable({p: rtt.one_way(r, p) for p in regions if p != r})
-        balancers[r] = RegionBalancer(r, router, block_chars=block, planner=planner, peers=peers)
+        lb = RegionBalancer(home, router, block_chars=BENCH_ROUTER_SETTINGS.block_chars)
+        entry = dict.fromkeys(regions, home)
+        return System(name, {home: lb}, engines, where, {home: list(engines)}, entry, False,
+                      rtt, profile.model)  # fmt: skip
+    balancers = {
+        r: _regional_balancer(name, r, regions, [specs[n] for n in names[r]], rtt, seed)
+        for r in regions
+    }
     polls = {r: [p for p in regions if p != r] for r in regions} if mode else {}
-    return System(
-        name,
-        balancers,
-        engines,
-        where,
-        dict(names),
-        {r: r for r in regions},
-        mode is not None,
-        rtt,
-        profile.model,
-        polls,
-    )
+    return System(name, balancers, engines, where, dict(names), {r: r for r in regions},
+                  mode is not None, rtt, profile.model, polls)  # fmt: skip
