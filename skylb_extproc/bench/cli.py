@@ -44,7 +44,9 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--find-min-replicas", action="store_true")
     p.add_argument("--slo-ttft-p90", type=float, default=None, metavar="S")
     p.add_argument("--live", action="store_true", help="replay through the real stack")
-    p.add_argument("--clients-per-region", type=int, default=20, help="closed-loop clients")
+    p.add_argument(
+        "--clients-per-region", default="20", help="closed-loop clients: N, or N1,N2,.. per region"
+    )
     p.add_argument("--think-time-s", type=float, default=1.0, help="closed-loop mean think time")
     p.add_argument("--daily-curve", default=None, help="servegen series, e.g. language/m-large")
     p.add_argument("--daily-csv", default=None, help="servegen_daily_rates.csv path")
@@ -54,6 +56,13 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
 
 class _Usage(ValueError):
     pass
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in text.split(","))
+    except ValueError:
+        raise _Usage(f"--clients-per-region: not integers: {text!r}") from None
 
 
 def _specs(args: argparse.Namespace) -> tuple[WorkloadSpec, list[RunSpec]]:
@@ -72,7 +81,7 @@ def _specs(args: argparse.Namespace) -> tuple[WorkloadSpec, list[RunSpec]]:
         trace=args.trace, format=args.format, regions=tuple(regions), weights=tuple(weights),
         rate_scale=args.rate_scale, limit=args.limit, seed=args.seed,
         daily_curve=args.daily_curve, daily_csv=args.daily_csv,
-        clients_per_region=args.clients_per_region, think_time_s=args.think_time_s,
+        clients_per_region=_ints(args.clients_per_region), think_time_s=args.think_time_s,
     )  # fmt: skip
     runs = [RunSpec(wl, p, args.replicas_per_region, args.profile, args.rtt_ms) for p in policies]
     return wl, runs
@@ -87,7 +96,10 @@ def _params(args: argparse.Namespace, wl: WorkloadSpec, fmt: str) -> dict[str, o
         "daily_curve": wl.daily_curve, "regions_note": "constructed: no public trace has regions",
     }  # fmt: skip
     if wl.format == "closed-loop":
-        params |= {"clients_per_region": wl.clients_per_region, "think_time_s": wl.think_time_s}
+        params |= {
+            "clients_per_region": list(wl.clients_per_region),
+            "think_time_s": wl.think_time_s,
+        }
     return params
 
 

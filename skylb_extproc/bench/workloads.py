@@ -7,6 +7,7 @@ a request is kept with probability curve(local hour) (thinning; seeded, so deter
 
 Closed loop (`closed-loop`, the paper's setup): the trace's conversations (requests grouped by
 prefix group, in trace order) are dealt to their home region; each of `clients_per_region`
+(one count for every region, or one per region as the paper's 40/30/30)
 clients per region plays one conversation at a time, turn after turn, sending the next turn an
 exponential think time (mean `think_time_s / rate_scale`, seeded per client) after the previous
 one finished. Trace timestamps are ignored; the load is set by the number of clients.
@@ -41,7 +42,7 @@ class WorkloadSpec:
     seed: int = 0
     daily_curve: str | None = None  # "category/model" of servegen_daily_rates.csv
     daily_csv: str | None = None
-    clients_per_region: int = 20
+    clients_per_region: tuple[int, ...] = (20,)  # one count for all regions, or one per region
     think_time_s: float = 1.0
 
 
@@ -90,8 +91,8 @@ class ClosedLoop:
         self._pools = {name: deque(p) for name, p in self._pools_init.items()}
         self._client_of, self._rest, self._rngs = {}, {}, {}
         first: list[TraceRequest] = []
-        for region in self._spec.regions:
-            for i in range(self._spec.clients_per_region):
+        for region, count in zip(self._spec.regions, _clients(self._spec), strict=True):
+            for i in range(count):
                 client = (region, i)
                 self._rngs[client] = random.Random(f"{self._spec.seed}:{region}:{i}")
                 nxt = self._next_turn(client, self._think(client))
@@ -120,6 +121,15 @@ class ClosedLoop:
         turn = replace(rest.popleft(), arrival=at)
         self._client_of[turn.request_id] = client
         return turn
+
+
+def _clients(spec: WorkloadSpec) -> tuple[int, ...]:
+    counts = spec.clients_per_region
+    if len(counts) == 1:
+        counts = counts * len(spec.regions)
+    if len(counts) != len(spec.regions) or any(c < 0 for c in counts) or not any(counts):
+        raise ValueError("--clients-per-region: one count >= 1, or one count >= 0 per region")
+    return counts
 
 
 def load_trace(spec: WorkloadSpec) -> tuple[str, list[TraceRequest]]:
@@ -159,8 +169,7 @@ def build_workload(spec: WorkloadSpec) -> Workload:
     if spec.format == "closed-loop":
         if spec.daily_curve is not None:
             raise ValueError("--daily-curve applies to open-loop traces, not closed-loop clients")
-        if spec.clients_per_region < 1:
-            raise ValueError("--clients-per-region must be >= 1")
+        _clients(spec)
         return ClosedLoop(reqs, spec)
     if spec.daily_curve is not None:
         reqs = _thin_daily(reqs, spec)

@@ -145,7 +145,7 @@ def test_closed_loop_plays_conversations_turn_by_turn(tmp_path: Path) -> None:
         format="closed-loop",
         regions=("x",),
         weights=(1.0,),
-        clients_per_region=1,
+        clients_per_region=(1,),
         think_time_s=0.0,
     )
     wl = build_workload(spec)
