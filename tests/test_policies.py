@@ -104,6 +104,10 @@ SKYLB = [
          r("r1", "prefix")),
     Case("longer-match-beats-load", S, snap(v("r0", f=9, m=9), v("r1", m=8)), r("r0", "prefix")),
     Case("least-load-tie-order", S, snap(v("r0", f=1), R1, R2), r("r1", "least_load")),
+    # Ties rotate with the decision count: new conversations on an idle pool spread out.
+    Case("least-load-tie-rotates-1", S, snap(R0, R1, R2, decisions=1), r("r1", "least_load")),
+    Case("least-load-tie-rotates-5", S, snap(v("r0", f=1), R1, R2, decisions=5),
+         r("r2", "least_load")),
     Case("empty-prompt", S, snap(v("r0", f=1), R1, prompt_chars=0), r("r1", "least_load")),
     Case("threshold-zero", S, snap(R0, v("r1", f=3, m=1)), r("r1", "prefix"),
          {"cache_threshold": 0.0}),

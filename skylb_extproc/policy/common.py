@@ -2,7 +2,7 @@
 
 Kept apart from `base.py` (which imports every policy for its registry) so that policy modules
 can import these without an import cycle. Every helper is deterministic: ties go to the fewest
-in-flight requests, then to the order of `snapshot.replicas` (config order).
+in-flight requests, then to a rotating position (`least_loaded`) or config order (`best_match`).
 """
 
 from __future__ import annotations
@@ -29,9 +29,19 @@ def matched_fraction(view: ReplicaView, snapshot: Snapshot) -> float:
     return min(1.0, view.matched_blocks * snapshot.block_chars / snapshot.prompt_chars)
 
 
-def least_loaded(views: Iterable[ReplicaView]) -> ReplicaView | None:
-    """Fewest in-flight; ties by position (min keeps the first of equals)."""
-    return min(views, key=lambda v: v.in_flight, default=None)
+def least_loaded(views: Iterable[ReplicaView], rotation: int = 0) -> ReplicaView | None:
+    """Fewest in-flight; among equals the `rotation`-th (mod their count) in config order.
+
+    Policies pass `snapshot.decisions`: on an idle pool every replica ties at 0 in flight, and a
+    fixed tie-break would start every new conversation on the first replica (its cache thrashes,
+    the others idle). Rotating spreads them, deterministically.
+    """
+    pool = list(views)
+    if not pool:
+        return None
+    low = min(v.in_flight for v in pool)
+    ties = [v for v in pool if v.in_flight == low]
+    return ties[rotation % len(ties)]
 
 
 def best_match(views: Iterable[ReplicaView]) -> ReplicaView | None:

@@ -72,7 +72,9 @@ class ConsistentHashPolicy:
         if not any(eligible):
             return Wait() if self.selective else no_replica(self.name)
         if snapshot.key_hash is None:
-            chosen = least_loaded(v for v, ok in zip(views, eligible, strict=True) if ok)
+            chosen = least_loaded(
+                (v for v, ok in zip(views, eligible, strict=True) if ok), snapshot.decisions
+            )
             assert chosen is not None  # some replica is eligible
             return route(chosen, "least_load")
         points, owners = build_ring(tuple(v.name for v in views), self.virtual_nodes)

@@ -29,7 +29,7 @@ class LeastLoadPolicy:
     waits = False
 
     def decide(self, request: RouteRequest, snapshot: Snapshot, rng: random.Random) -> Decision:
-        chosen = least_loaded(v for v in snapshot.replicas if v.healthy)
+        chosen = least_loaded((v for v in snapshot.replicas if v.healthy), snapshot.decisions)
         if chosen is None:
             return no_replica(self.name)
         return route(chosen, "least_load")

@@ -64,7 +64,7 @@ class PrefixAffinityPolicy:
 
     def decide(self, request: RouteRequest, snapshot: Snapshot, rng: random.Random) -> Decision:
         healthy = [v for v in snapshot.replicas if v.healthy]
-        least = least_loaded(healthy)
+        least = least_loaded(healthy, snapshot.decisions)
         if least is None:
             return no_replica(self.name)
         highest = max(v.in_flight for v in healthy)

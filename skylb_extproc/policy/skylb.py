@@ -8,8 +8,9 @@ Algorithm (SkyLB paper §3.3 + its `PrefixTreePolicy`, as evaluated in the final
   2. If the best prefix match among candidates covers more than `cache_threshold` of the prompt
      (matched_blocks * block_chars / prompt_chars, strictly greater, as SkyLB/SGLang) -> the
      best-matching candidate; ties by fewest in-flight, then config order. reason "prefix".
-  3. Else the least in-flight candidate (ties in config order): a low match is the moment to
-     explore an under-used replica (paper §5.1). reason "least_load".
+  3. Else the least in-flight candidate (ties rotate with the decision count, so new
+     conversations on an idle pool spread instead of all starting on the first replica): a low
+     match is the moment to explore an under-used replica (paper §5.1). reason "least_load".
 
 There is no load-imbalance override: SkyLB enables it only for its blind-pushing variants, and
 selective pushing already keeps every replica at its own capacity.
@@ -53,7 +54,7 @@ class SkyLBPolicy:
         best = best_match(candidates)
         if best is not None and matched_fraction(best, snapshot) > self.cache_threshold:
             return route(best, "prefix")
-        chosen = least_loaded(candidates)
+        chosen = least_loaded(candidates, snapshot.decisions)
         assert chosen is not None  # candidates is not empty
         return route(chosen, "least_load")
 
