@@ -20,6 +20,7 @@ counted as pending (they never wait in an engine's batch queue), else 503 NO_REP
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -47,6 +48,8 @@ __all__ = ["Router", "RouterSettings"]
 QUEUE_FULL = Reject(429, Outcome.QUEUE_FULL, "the load balancer's queue is full")
 DEADLINE = Reject(503, Outcome.DEADLINE, "no replica became available in time")
 NO_REPLICA = Reject(503, Outcome.NO_REPLICA, "no healthy replica")
+# Prompt tokens are estimated from characters (English text with Llama-3-style tokenizers: ~4).
+CHARS_PER_TOKEN = 4.0
 SHUTDOWN = Reject(503, Outcome.SHUTDOWN, "the load balancer is shutting down")
 
 
@@ -66,6 +69,8 @@ class RouterSettings:
     # Response headers prove the engine took the request only if it sends them at the first
     # token. vLLM's OpenAI server sends them on accept, while the request may still be queued.
     confirm_on_headers: bool = False
+    # Share of a replica's KV cache kept free when projecting what our unseen dispatches use.
+    kv_headroom: float = 0.1
 
 
 class Router:
@@ -84,7 +89,10 @@ class Router:
         self._policy = policy
         self._rng = rng
         self._load = LoadTracker(
-            replicas, stale_after_s=settings.stale_after_s, max_pending=settings.max_pending
+            replicas,
+            stale_after_s=settings.stale_after_s,
+            max_pending=settings.max_pending,
+            kv_headroom=settings.kv_headroom,
         )
         self._index = PrefixIndex(
             max_blocks_per_target=settings.index_blocks_per_replica, ttl_s=settings.index_ttl_s
@@ -190,7 +198,8 @@ class Router:
     def _dispatch(self, entry: Queued, route: Route, snapshot: Snapshot, now: float) -> Dispatch:
         """Record a Route: count it as in flight and pending, remember its prefix there."""
         request_id = entry.request.request_id
-        self._load.on_dispatch(route.replica, request_id, now)
+        tokens = math.ceil(len(entry.request.prompt) / CHARS_PER_TOKEN)
+        self._load.on_dispatch(route.replica, request_id, now, prompt_tokens=tokens)
         self._index.insert(route.replica, entry.hashes, now)
         self._decisions += 1
         chosen = next(v for v in snapshot.replicas if v.name == route.replica)

@@ -130,3 +130,48 @@ def test_unknown_replica_and_bad_settings() -> None:
         LoadTracker(SPECS, stale_after_s=0.0, max_pending=0)
     with pytest.raises(ValueError):
         LoadTracker(SPECS, stale_after_s=1.0, max_pending=-1)
+
+
+# 100 blocks of 16 tokens; headroom 0.1 leaves 90 usable blocks.
+KV = ScrapedMetrics(waiting=0, running=1, kv_usage=0.5, block_size=16, num_gpu_blocks=100)
+
+
+@pytest.mark.parametrize(
+    ("scraped", "prompts", "pending"),
+    [
+        # 50 used + 20 + 20 = 90 blocks: both fit, nothing pending.
+        (KV, [320, 320], 0),
+        # 50 + 20 + 20 + 1 = 91 > 90: the third overflows.
+        (KV, [320, 320, 1], 1),
+        # Once one overflows, every later one does too (dispatch order).
+        (KV, [800, 16, 16], 3),
+        # A waiting request on the replica counts on top.
+        (
+            ScrapedMetrics(waiting=2, running=1, kv_usage=0.0, block_size=16, num_gpu_blocks=100),
+            [16],
+            2,
+        ),
+        # No KV numbers (SGLang, old vLLM): every unseen dispatch is pending.
+        (ScrapedMetrics(waiting=0, running=1), [16, 16], 2),
+        # An empty prompt still takes a block.
+        (
+            ScrapedMetrics(waiting=0, running=0, kv_usage=0.89, block_size=16, num_gpu_blocks=100),
+            [0],
+            0,
+        ),
+        (
+            ScrapedMetrics(waiting=0, running=0, kv_usage=0.9, block_size=16, num_gpu_blocks=100),
+            [0],
+            1,
+        ),
+    ],
+)
+def test_unseen_dispatches_pend_only_when_the_kv_cache_cannot_admit_them(
+    scraped: ScrapedMetrics, prompts: list[int], pending: int
+) -> None:
+    t = tracker()
+    t.on_scrape("r0", scraped, started_at=0.0, now=0.1)
+    for i, tokens in enumerate(prompts):
+        t.on_dispatch("r0", f"q{i}", 0.2, prompt_tokens=tokens)
+    assert view(t, "r0", 0.3).pending == pending
+    assert view(t, "r0", 0.3).available == (pending == 0)

@@ -3,15 +3,21 @@
 SkyLB's selective pushing sends a request only to an *available* replica, one with no pending
 (waiting, not yet batched) request, learned from `vllm:num_requests_waiting` every 100 ms. Between
 two scrapes nothing stopped SkyLB's code from sending a burst to the same replica. Here the
-balancer also counts its own dispatches: one that has not started (no response headers yet) and
-was sent after the start of the last successful scrape is pending, because that scrape cannot have
-seen it. A dispatch sent before the scrape began is already inside the scraped numbers.
+balancer also counts its own dispatches the last scrape cannot have seen (sent after that scrape
+began, not confirmed started): those the replica's free KV cache cannot admit are pending too.
+vLLM admits a waiting request when blocks for its prompt are free, so with the scraped
+`kv_cache_usage_perc` and `cache_config_info` (block size, block count) we project the usage our
+unseen dispatches add, in dispatch order, and count the ones that overflow
+`(1 - kv_headroom)` of the cache. An engine that reports no KV numbers gets the conservative
+rule: every unseen dispatch is pending. A dispatch sent before the scrape began is already inside
+the scraped numbers.
 
 Rules (docs/internals.md):
 - healthy: the last scrape succeeded and is younger than `stale_after_s` (measured from the
   moment the result arrived). Never scraped = unhealthy; a failed scrape = unhealthy at once.
-- pending = scraped waiting + our unstarted dispatches sent at or after the last successful
-  scrape's start (at the same instant we cannot know the order, so count it: be conservative).
+- pending = scraped waiting + those of our unstarted dispatches sent at or after the last
+  successful scrape's start (same instant: counted, we cannot know the order) that the scraped
+  free KV cannot admit (all of them when the engine reports no KV numbers).
 - available = healthy and pending <= max_pending.
 - in_flight = dispatched and not finished.
 
@@ -37,15 +43,21 @@ class _Replica:
     scrape_started_at: float | None = None  # start of the last recorded scrape (ok or failed)
     failed: bool = True  # never scraped counts as failed
     in_flight: set[str] = field(default_factory=set)
-    # Our unstarted dispatches the last successful scrape cannot have seen: id -> dispatched at.
-    unseen: dict[str, float] = field(default_factory=dict)
+    # Our unstarted dispatches the last successful scrape cannot have seen:
+    # id -> (dispatched at, prompt tokens).
+    unseen: dict[str, tuple[float, int]] = field(default_factory=dict)
 
 
 class LoadTracker:
     """Per-replica health, pending and in-flight counts; one per router."""
 
     def __init__(
-        self, replicas: Sequence[ReplicaSpec], *, stale_after_s: float, max_pending: int
+        self,
+        replicas: Sequence[ReplicaSpec],
+        *,
+        stale_after_s: float,
+        max_pending: int,
+        kv_headroom: float = 0.1,
     ) -> None:
         if stale_after_s <= 0:
             raise ValueError(f"stale_after_s must be > 0, got {stale_after_s}")
@@ -58,10 +70,17 @@ class LoadTracker:
             self._replicas[spec.name] = _Replica(spec)
         self._stale_after_s = stale_after_s
         self._max_pending = max_pending
+        self._kv_headroom = kv_headroom
         self._where: dict[str, str] = {}  # request id -> replica, while in flight
 
     def on_dispatch(
-        self, replica: str, request_id: str, now: float, *, pending: bool = True
+        self,
+        replica: str,
+        request_id: str,
+        now: float,
+        *,
+        pending: bool = True,
+        prompt_tokens: int = 0,
     ) -> None:
         """We sent `request_id` to `replica`.
 
@@ -73,7 +92,7 @@ class LoadTracker:
         self._where[request_id] = replica
         state.in_flight.add(request_id)
         if pending:
-            state.unseen[request_id] = now
+            state.unseen[request_id] = (now, prompt_tokens)
 
     def on_started(self, request_id: str, now: float) -> None:
         """Response headers seen: the engine has taken the request, it no longer waits."""
@@ -104,7 +123,7 @@ class LoadTracker:
         state.metrics = metrics
         state.ok_at = now
         # Dispatches sent before this scrape began are inside its numbers from now on.
-        state.unseen = {rid: at for rid, at in state.unseen.items() if at >= started_at}
+        state.unseen = {rid: u for rid, u in state.unseen.items() if u[0] >= started_at}
 
     def views(
         self, now: float, matched: Mapping[str, int] | None = None
@@ -176,5 +195,14 @@ class LoadTracker:
 
     def _pending(self, state: _Replica) -> int:
         # ceil: any positive waiting gauge means the engine's batch is full.
-        scraped = 0 if state.metrics is None else math.ceil(state.metrics.waiting)
-        return scraped + len(state.unseen)
+        m = state.metrics
+        scraped = 0 if m is None else math.ceil(m.waiting)
+        if m is None or m.kv_usage is None or not m.num_gpu_blocks or not m.block_size:
+            return scraped + len(state.unseen)
+        capacity = m.num_gpu_blocks * (1.0 - self._kv_headroom)
+        used = m.kv_usage * m.num_gpu_blocks
+        overflow = 0
+        for _, tokens in state.unseen.values():  # dispatch order
+            used += max(1, math.ceil(tokens / m.block_size))
+            overflow += used > capacity
+        return scraped + overflow
