@@ -136,4 +136,10 @@ def test_summarize_counts_available_replicas() -> None:
         ReplicaView("r0", "a:1", True, True, 2, 0),
         ReplicaView("r1", "a:2", True, False, 5, 1),
     ]
-    assert summarize("us", 4, views) == PeerSummary("us", 4, 1, (2, 5))
+    got = summarize("us", 4, views)
+    assert (got.region, got.queue_length, got.available_replicas, got.in_flight) == (
+        "us",
+        4,
+        1,
+        (2, 5),
+    )
