@@ -8,6 +8,7 @@ file and line, or the flag).
 from __future__ import annotations
 
 import argparse
+import subprocess
 import sys
 from pathlib import Path
 
@@ -180,9 +181,35 @@ def _write(
     spills = {name: sum(1 for r in res.records if r.forwarded_to) for name, res in runs.items()}
     pngs = write_plots(out, runs)
     plots = [f"![{p}]({p})" for p in pngs] or ["(plots skipped: matplotlib is not installed)"]
+    extra = [*extra, "", f"Code: `{_code_version()}`."]
     (out / "report.md").write_text(
         render_markdown(report, spills, [*extra, "", "## Plots", "", *plots]), encoding="utf-8"
     )
+
+
+def _code_version() -> str:
+    """The git commit of this checkout (+dirty), so a report says which code produced it."""
+    here = Path(__file__).resolve().parent
+    try:
+        sha = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=here,
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=here,
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown (not a git checkout)"
+    return sha + (" with uncommitted changes" if dirty else "")
 
 
 def main(argv: list[str] | None = None) -> int:
