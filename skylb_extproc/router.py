@@ -198,7 +198,9 @@ class Router:
     def _dispatch(self, entry: Queued, route: Route, snapshot: Snapshot, now: float) -> Dispatch:
         """Record a Route: count it as in flight and pending, remember its prefix there."""
         request_id = entry.request.request_id
+        # What the request will hold in the replica's KV cache once its answer is complete.
         tokens = math.ceil(len(entry.request.prompt) / CHARS_PER_TOKEN)
+        tokens += entry.request.max_tokens or 0
         self._load.on_dispatch(route.replica, request_id, now, prompt_tokens=tokens)
         self._index.insert(route.replica, entry.hashes, now)
         self._decisions += 1

@@ -8,9 +8,12 @@ began, not confirmed started): those the replica's free KV cache cannot admit ar
 vLLM admits a waiting request when blocks for its prompt are free, so with the scraped
 `kv_cache_usage_perc` and `cache_config_info` (block size, block count) we project the usage our
 unseen dispatches add, in dispatch order, and count the ones that overflow
-`(1 - kv_headroom)` of the cache. An engine that reports no KV numbers gets the conservative
-rule: every unseen dispatch is pending. A dispatch sent before the scrape began is already inside
-the scraped numbers.
+`(1 - kv_headroom)` of the cache. The engine's sequence limit (`max_num_seqs`) is not exported,
+so it is learned: the running count of a scrape that shows waiting requests is the most the
+replica batches (raised when a later scrape shows more running and none waiting); unseen
+dispatches beyond it are pending too. An engine that reports no KV numbers gets the
+conservative rule: every unseen dispatch is pending. A dispatch sent before the scrape began is
+already inside the scraped numbers.
 
 Rules (docs/internals.md):
 - healthy: the last scrape succeeded and is younger than `stale_after_s` (measured from the
@@ -42,6 +45,7 @@ class _Replica:
     ok_at: float | None = None  # when the last successful scrape's result arrived
     scrape_started_at: float | None = None  # start of the last recorded scrape (ok or failed)
     failed: bool = True  # never scraped counts as failed
+    seq_cap: int | None = None  # learned batch limit: running when requests were seen waiting
     in_flight: set[str] = field(default_factory=set)
     # Our unstarted dispatches the last successful scrape cannot have seen:
     # id -> (dispatched at, prompt tokens).
@@ -121,6 +125,7 @@ class LoadTracker:
             return
         state.failed = False
         state.metrics = metrics
+        state.seq_cap = _learn_seq_cap(state.seq_cap, metrics)
         state.ok_at = now
         # Dispatches sent before this scrape began are inside its numbers from now on.
         state.unseen = {rid: u for rid, u in state.unseen.items() if u[0] >= started_at}
@@ -201,8 +206,19 @@ class LoadTracker:
             return scraped + len(state.unseen)
         capacity = m.num_gpu_blocks * (1.0 - self._kv_headroom)
         used = m.kv_usage * m.num_gpu_blocks
+        seqs_left = math.inf if state.seq_cap is None else state.seq_cap - m.running
         overflow = 0
-        for _, tokens in state.unseen.values():  # dispatch order
+        for n, (_, tokens) in enumerate(state.unseen.values(), 1):  # dispatch order
             used += max(1, math.ceil(tokens / m.block_size))
-            overflow += used > capacity
+            overflow += used > capacity or n > seqs_left
         return scraped + overflow
+
+
+def _learn_seq_cap(cap: int | None, m: ScrapedMetrics) -> int | None:
+    """Requests waiting next to `running` ones: the batch is full at `running`."""
+    running = math.floor(m.running)
+    if m.waiting > 0:
+        return running
+    if cap is not None and running > cap:
+        return running
+    return cap
