@@ -1,8 +1,10 @@
-"""Render the Envoy config of one region and find the Envoy binary.
+"""Render the Envoy config of a region and find the Envoy binary.
 
 The template (`envoy/envoy.yaml.tmpl` in the repository) is a `string.Template`; everything
 that depends on ports, replicas or the body mode is computed here so the YAML stays readable.
-Not part of the sans-I/O core: it reads files and looks at the environment.
+A region in a mesh (`peers` / `peer_port` set) gets the rendered template plus the peer listener,
+routes and clusters of `envoy_mesh.py`, written back as plain YAML. Not part of the sans-I/O
+core: it reads files and looks at the environment.
 """
 
 from __future__ import annotations
@@ -15,8 +17,22 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import yaml
+
+from skylb_extproc.envoy_mesh import PeerRoute, add_mesh
 from skylb_extproc.errors import ConfigError
 from skylb_extproc.types import ReplicaSpec
+
+__all__ = [
+    "EnvoySettings",
+    "PeerRoute",
+    "envoy_command",
+    "find_envoy_binary",
+    "render_envoy_config",
+    "split_host_port",
+    "template_path",
+    "write_envoy_config",
+]
 
 # Accepted spellings of the request body mode -> Envoy's ProcessingMode enum name.
 BODY_MODES = {
@@ -45,6 +61,13 @@ class EnvoySettings:
     queue_max_wait_s: float = 30.0  # skylb's queue.max_wait_s: how long a stream may stay silent
     max_body_bytes: int = 16 * 1024 * 1024  # skylb's limits.max_body_bytes
     max_requests: int = 100_000  # circuit-breaker ceiling (concurrent requests / streams)
+    listen_address: str = "127.0.0.1"  # both listeners; 0.0.0.0 in a container
+    # A region in a mesh: the port of the PEER listener (other regions' Envoys send forwarded
+    # requests there), one route + cluster per peer, and skylb's admin host:port for the
+    # peer listener's /peer/state route (None: no such route).
+    peer_port: int | None = None
+    peers: Sequence[PeerRoute] = ()
+    skylb_admin_address: str | None = None
 
 
 def template_path() -> Path:
@@ -103,7 +126,8 @@ def render_envoy_config(settings: EnvoySettings, template: Path | None = None) -
     # BUFFERED holds the whole body in the connection buffer; duplex streams it under flow control.
     buffer_limit = ENVOY_DEFAULT_BUFFER_BYTES if duplex else settings.max_body_bytes
     text = (template or template_path()).read_text(encoding="utf-8")
-    return string.Template(text).substitute(
+    rendered = string.Template(text).substitute(
+        LISTEN_ADDRESS=settings.listen_address,
         LISTEN_PORT=settings.listen_port,
         ADMIN_PORT=settings.admin_port,
         GRPC_HOST=grpc_host,
@@ -116,6 +140,37 @@ def render_envoy_config(settings: EnvoySettings, template: Path | None = None) -
         MAX_REQUESTS=settings.max_requests,
         REPLICA_ENDPOINTS="".join(_endpoint_yaml(r) for r in settings.replicas).rstrip("\n"),
     )
+    if settings.peer_port is None and not settings.peers:
+        return rendered
+    return _render_mesh(settings, rendered)
+
+
+_MESH_HEADER = """\
+# SkyLB for Envoy: one region of a mesh. Rendered by skylb_extproc/envoy_config.py from
+# envoy/envoy.yaml.tmpl (see the comments there) plus skylb_extproc/envoy_mesh.py (the peer
+# listener, one route and cluster per peer, the fault filter that injects the inter-region
+# delay). Regenerate rather than edit; validate with: envoy --mode validate -c THIS_FILE
+"""
+
+
+def _render_mesh(settings: EnvoySettings, rendered: str) -> str:
+    if settings.peer_port is None:
+        raise ConfigError("peer_port", "a region with peers needs a peer listener port")
+    clusters = [p.cluster for p in settings.peers]
+    if len(set(clusters)) != len(clusters) or {"replicas", "skylb_extproc"} & set(clusters):
+        raise ConfigError("peers", f"peer cluster names must be unique and new, got {clusters}")
+    for peer in settings.peers:
+        split_host_port(peer.address)
+        if peer.delay_ms < 0:
+            raise ConfigError("peers", f"{peer.name}: delay_ms must be >= 0")
+    doc = add_mesh(
+        yaml.safe_load(rendered),
+        settings.peers,
+        peer_port=settings.peer_port,
+        skylb_admin_address=settings.skylb_admin_address,
+        max_requests=settings.max_requests,
+    )
+    return _MESH_HEADER + yaml.safe_dump(doc, sort_keys=False, width=100)
 
 
 def write_envoy_config(settings: EnvoySettings, path: str | Path) -> Path:
