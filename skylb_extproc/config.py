@@ -2,22 +2,44 @@
 
 Everything is a frozen dataclass with the documented defaults, so code (the demo, tests) can build
 a `Config` directly and write it out with `render_yaml`. `parse_config` accepts the YAML data and
-rejects unknown keys and bad values with `ConfigError("queue.max_wait_s", ...)`.
+rejects unknown keys and bad values with `ConfigError("queue.max_wait_s", ...)`. The readers live
+in `config_readers.py`, the cross-region sections (peers, secret_file, residency, spill) in
+`region/config.py`.
 """
 
 from __future__ import annotations
 
-import ipaddress
-import re
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
-from urllib.parse import urlsplit
 
 import yaml
 
+from skylb_extproc.config_readers import (
+    Section,
+    as_address,
+    as_bool,
+    as_float,
+    as_http_url,
+    as_int,
+    as_mapping,
+    as_region,
+    as_str,
+    split_host_port,
+)
 from skylb_extproc.errors import ConfigError
+from skylb_extproc.region.config import (
+    CostConfig,
+    PeerConfig,
+    ResidencyConfig,
+    SpillConfig,
+    cross_region_dict,
+    parse_peers,
+    parse_residency,
+    parse_spill,
+    read_secret,
+)
 from skylb_extproc.types import ReplicaSpec
 
 if TYPE_CHECKING:
@@ -25,8 +47,26 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 
-_REGION_RE = re.compile(r"^[a-z0-9-]+$")
-_HOSTNAME_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9.-]{0,251}[A-Za-z0-9])?$")
+__all__ = [
+    "Config",
+    "CostConfig",
+    "LimitsConfig",
+    "ListenConfig",
+    "PeerConfig",
+    "PolicyConfig",
+    "PrefixConfig",
+    "QueueConfig",
+    "ResidencyConfig",
+    "ScrapeConfig",
+    "SpillConfig",
+    "config_to_dict",
+    "load_config",
+    "parse_config",
+    "render_yaml",
+    "split_host_port",
+    "validate_policy",
+    "write_config",
+]
 
 
 @dataclass(frozen=True)
@@ -82,6 +122,10 @@ class Config:
     scrape: ScrapeConfig = field(default_factory=ScrapeConfig)
     shutdown_grace_s: float = 10.0
     seed: int = 0
+    peers: tuple[PeerConfig, ...] = ()
+    secret_file: str | None = None  # the shared secret's file (resolved path); never the secret
+    residency: ResidencyConfig = field(default_factory=ResidencyConfig)
+    spill: SpillConfig = field(default_factory=SpillConfig)
 
     def router_settings(self) -> RouterSettings:
         # Imported here: config is loaded (check-config) without the routing core being needed.
@@ -107,146 +151,11 @@ class Config:
         )
 
 
-# --- typed readers ------------------------------------------------------------------------------
-
-
-class _Section:
-    """A mapping being read: each accessor pops a key, `done()` rejects whatever is left."""
-
-    def __init__(self, data: object, path: str) -> None:
-        if data is None:
-            data = {}
-        if not isinstance(data, Mapping):
-            raise ConfigError(path, f"expected a mapping, got {_kind(data)}")
-        for key in data:
-            if not isinstance(key, str):
-                raise ConfigError(path, f"keys must be strings, got {key!r}")
-        self.path = path
-        self._data: dict[str, object] = dict(data)
-
-    def key_path(self, key: str) -> str:
-        return f"{self.path}.{key}" if self.path else key
-
-    def take(self, key: str, check: Callable[[object, str], T], default: T | None = None) -> T:
-        """Read `key` through `check`; a missing key yields `default` (None default = required)."""
-        if key not in self._data:
-            if default is None:
-                raise ConfigError(self.key_path(key), "required")
-            return default
-        return check(self._data.pop(key), self.key_path(key))
-
-    def section(self, key: str) -> _Section:
-        return _Section(self._data.pop(key, None), self.key_path(key))
-
-    def items(self, key: str) -> Iterator[tuple[object, str]]:
-        value = self._data.pop(key, None)
-        if not isinstance(value, list):
-            raise ConfigError(self.key_path(key), f"expected a list, got {_kind(value)}")
-        for i, item in enumerate(value):
-            yield item, f"{self.key_path(key)}[{i}]"
-
-    def done(self) -> None:
-        for key in self._data:
-            raise ConfigError(self.key_path(key), "unknown key")
-
-
-def _kind(value: object) -> str:
-    return "nothing" if value is None else type(value).__name__
-
-
-def as_str(value: object, path: str) -> str:
-    if not isinstance(value, str):
-        raise ConfigError(path, f"expected a string, got {_kind(value)}")
-    return value
-
-
-def as_bool(value: object, path: str) -> bool:
-    if not isinstance(value, bool):
-        raise ConfigError(path, f"expected true or false, got {_kind(value)}")
-    return value
-
-
-def as_int(minimum: int) -> Callable[[object, str], int]:
-    def check(value: object, path: str) -> int:
-        # bool is an int subclass; `true` as a count is almost surely a mistake.
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(path, f"expected an integer, got {_kind(value)}")
-        if value < minimum:
-            raise ConfigError(path, f"must be >= {minimum}, got {value}")
-        return value
-
-    return check
-
-
-def as_float(*, positive: bool) -> Callable[[object, str], float]:
-    def check(value: object, path: str) -> float:
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise ConfigError(path, f"expected a number, got {_kind(value)}")
-        number = float(value)
-        if number != number or number in (float("inf"), float("-inf")):
-            raise ConfigError(path, f"must be finite, got {value}")
-        if positive and number <= 0:
-            raise ConfigError(path, f"must be > 0, got {value}")
-        if number < 0:
-            raise ConfigError(path, f"must be >= 0, got {value}")
-        return number
-
-    return check
-
-
-def as_mapping(value: object, path: str) -> dict[str, Any]:
-    return dict(_Section(value, path)._data)
-
-
-def as_region(value: object, path: str) -> str:
-    region = as_str(value, path)
-    if not _REGION_RE.match(region):
-        raise ConfigError(path, f"must match [a-z0-9-]+, got {region!r}")
-    return region
-
-
-def split_host_port(value: str, path: str, *, allow_port_zero: bool) -> tuple[str, int]:
-    """Split `host:port` / `[v6]:port`; the host must be an IP address or a DNS name."""
-    host, sep, port_text = value.rpartition(":")
-    if not sep or not host or not port_text.isdigit():
-        raise ConfigError(path, f"expected host:port, got {value!r}")
-    port = int(port_text)
-    if not (0 if allow_port_zero else 1) <= port <= 65535:
-        raise ConfigError(path, f"port out of range in {value!r}")
-    bare = host[1:-1] if host.startswith("[") and host.endswith("]") else host
-    try:
-        ip = ipaddress.ip_address(bare)
-    except ValueError:
-        if bare != host or not _HOSTNAME_RE.match(host):
-            raise ConfigError(path, f"invalid host in {value!r}") from None
-        return host, port
-    if ip.version == 6 and bare == host:
-        raise ConfigError(path, f"IPv6 hosts need brackets: [{host}]:{port}")
-    return bare, port
-
-
-def as_address(*, allow_port_zero: bool) -> Callable[[object, str], str]:
-    def check(value: object, path: str) -> str:
-        text = as_str(value, path)
-        split_host_port(text, path, allow_port_zero=allow_port_zero)
-        return text
-
-    return check
-
-
-def as_http_url(value: object, path: str) -> str:
-    url = as_str(value, path)
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ConfigError(path, f"expected an http(s) URL, got {url!r}")
-    return url
-
-
 # --- sections -----------------------------------------------------------------------------------
 
 
 def _replica(item: object, path: str) -> ReplicaSpec:
-    s = _Section(item, path)
+    s = Section(item, path)
     name = s.take("name", as_str)
     if not name:
         raise ConfigError(s.key_path("name"), "must not be empty")
@@ -256,7 +165,7 @@ def _replica(item: object, path: str) -> ReplicaSpec:
     return ReplicaSpec(name=name, address=address, metrics_url=metrics_url)
 
 
-def _replicas(root: _Section) -> tuple[ReplicaSpec, ...]:
+def _replicas(root: Section) -> tuple[ReplicaSpec, ...]:
     replicas: list[ReplicaSpec] = []
     names: set[str] = set()
     addresses: set[str] = set()
@@ -274,7 +183,7 @@ def _replicas(root: _Section) -> tuple[ReplicaSpec, ...]:
     return tuple(replicas)
 
 
-def _policy(s: _Section) -> PolicyConfig:
+def _policy(s: Section) -> PolicyConfig:
     name = s.take("name", as_str, PolicyConfig().name)
     params: dict[str, Any] = s.take("params", as_mapping, {})
     s.done()
@@ -326,7 +235,7 @@ _FIELD_CHECKS: dict[type, dict[str, Callable[[object, str], Any]]] = {
 }
 
 
-def _flat(cls: type[T], s: _Section) -> T:
+def _flat(cls: type[T], s: Section) -> T:
     defaults = cls()
     checks = _FIELD_CHECKS[cls]
     values = {key: s.take(key, check, getattr(defaults, key)) for key, check in checks.items()}
@@ -334,11 +243,17 @@ def _flat(cls: type[T], s: _Section) -> T:
     return cls(**values)
 
 
-def parse_config(data: object) -> Config:
-    """Validate YAML data (already loaded) into a Config; raises ConfigError naming the key."""
-    root = _Section(data, "")
+def parse_config(data: object, *, base_dir: Path | None = None) -> Config:
+    """Validate YAML data (already loaded) into a Config; raises ConfigError naming the key.
+
+    A relative `secret_file` is taken relative to `base_dir` (the config file's directory).
+    """
+    root = Section(data, "")
+    region = root.take("region", as_region)
+    peers = parse_peers(root, region)
+    known = frozenset({region, *(p.name for p in peers)})
     config = Config(
-        region=root.take("region", as_region),
+        region=region,
         listen=_flat(ListenConfig, root.section("listen")),
         replicas=_replicas(root),
         policy=_policy(root.section("policy")),
@@ -348,9 +263,26 @@ def parse_config(data: object) -> Config:
         scrape=_flat(ScrapeConfig, root.section("scrape")),
         shutdown_grace_s=root.take("shutdown_grace_s", as_float(positive=False), 10.0),
         seed=root.take("seed", as_int(0), 0),
+        peers=peers,
+        secret_file=_secret_file(root, peers, base_dir),
+        residency=parse_residency(root.section("residency"), known),
+        spill=parse_spill(root.section("spill")),
     )
     root.done()
     return config
+
+
+def _secret_file(root: Section, peers: tuple[PeerConfig, ...], base_dir: Path | None) -> str | None:
+    """The secret file's path, checked readable and non-empty; required when peers are listed."""
+    if "secret_file" not in root:
+        if peers:
+            raise ConfigError("secret_file", "required when peers are configured")
+        return None
+    path = Path(root.take("secret_file", as_str))
+    if base_dir is not None and not path.is_absolute():
+        path = base_dir / path
+    read_secret(str(path))
+    return str(path)
 
 
 def load_config(path: str | Path) -> Config:
@@ -362,7 +294,7 @@ def load_config(path: str | Path) -> Config:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise ConfigError("", f"{path}: invalid YAML: {exc}") from exc
-    return parse_config(data)
+    return parse_config(data, base_dir=Path(path).parent)
 
 
 # --- writing ------------------------------------------------------------------------------------
@@ -384,6 +316,7 @@ def config_to_dict(config: Config) -> dict[str, Any]:
         "scrape": dict(vars(config.scrape)),
         "shutdown_grace_s": config.shutdown_grace_s,
         "seed": config.seed,
+        **cross_region_dict(config.peers, config.secret_file, config.residency, config.spill),
     }
 
 

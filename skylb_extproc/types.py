@@ -14,6 +14,7 @@ class Outcome(enum.Enum):
     """How a request ended, from the balancer's point of view: the only label of result metrics."""
 
     ROUTED = "routed"  # sent to a local replica
+    FORWARDED = "forwarded"  # sent to a peer region's balancer (cross-region spill)
     PASSTHROUGH = "passthrough"  # not an inference request; sent to the least-loaded replica
     BAD_REQUEST = "bad_request"  # 400: unparsable or wrongly shaped body
     TOO_LARGE = "too_large"  # 413: body over the configured limit
@@ -37,6 +38,10 @@ class RouteRequest:
     max_tokens: int | None = None
     hash_key: str | None = None  # the x-hash-key header, for consistent hashing
     inference: bool = True  # False: pass-through (other paths and methods), never queued
+    # Region that forwarded this request, set only after its signed marker verified: such a
+    # request is routed here and never forwarded again. None: a client of this region.
+    origin: str | None = None
+    tenant: str | None = None  # value of residency.tenant_header, when configured and present
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,6 +115,16 @@ class Reject:
 
 
 Decision = Route | Wait | Reject
+
+
+@dataclass(frozen=True, slots=True)
+class PeerForward:
+    """Send the request to peer region `region`: Envoy routes it by `cluster` (x-skylb-cluster)
+    and passes `headers` (the signed forwarding marker) to the peer."""
+
+    region: str
+    cluster: str
+    headers: tuple[tuple[str, str], ...]
 
 
 @dataclass(frozen=True, slots=True)

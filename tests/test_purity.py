@@ -36,6 +36,7 @@ CORE = (
     "policy",
     "dispatch",
     "router",
+    "region",
     "envoy.stream",
     "envoy.messages",
     "sim.model",
