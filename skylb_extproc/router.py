@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 from skylb_extproc.dispatch.queue import Queued, WaitQueue
@@ -36,6 +36,7 @@ from skylb_extproc.types import (
     Outcome,
     Reject,
     ReplicaSpec,
+    ReplicaView,
     Route,
     RouteRequest,
     ScrapedMetrics,
@@ -169,6 +170,32 @@ class Router:
     @property
     def queue_length(self) -> int:
         return len(self._queue)
+
+    @property
+    def block_chars(self) -> int:
+        return self._settings.block_chars
+
+    def queued(self) -> Iterator[Queued]:
+        """The waiting requests, oldest first (do not change the queue while iterating)."""
+        return iter(self._queue)
+
+    def take(self, request_id: str) -> Queued | None:
+        """Remove a waiting request that is answered elsewhere (forwarded to a peer region).
+
+        Unlike `on_finished` it does not poll: the request could not be routed here anyway."""
+        return self._queue.remove(request_id)
+
+    def views(self, now: float) -> tuple[ReplicaView, ...]:
+        """The replicas as policies see them at `now` (no prefix match)."""
+        return self._load.views(now)
+
+    def hashes(self, request: RouteRequest) -> tuple[int, ...]:
+        """The prompt's block hashes, as the queue and the prefix index use them."""
+        return self._hashes(request)
+
+    def local_match(self, hashes: Sequence[int], now: float) -> int:
+        """Most leading blocks of `hashes` any local replica holds."""
+        return max(self._index.match(hashes, now).values(), default=0) if hashes else 0
 
     # --- internals ------------------------------------------------------------------------------
 

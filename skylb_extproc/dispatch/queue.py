@@ -14,6 +14,7 @@ holds the earliest deadline, and `expire` only looks at the head.
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from skylb_extproc.types import RouteRequest
@@ -85,6 +86,10 @@ class WaitQueue:
 
     def __len__(self) -> int:
         return len(self._entries)
+
+    def __iter__(self) -> Iterator[Queued]:
+        """Entries oldest first."""
+        return iter(self._entries.values())
 
     def __contains__(self, request_id: object) -> bool:
         return request_id in self._entries

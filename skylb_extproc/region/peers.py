@@ -8,32 +8,93 @@ we cannot hear from may be down or cut off, and its last numbers are no promise.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from skylb_extproc.region.spill import RegionView
 from skylb_extproc.types import ReplicaView
 
-__all__ = ["PeerSummary", "PeerTable", "summarize"]
+__all__ = ["PeerSummary", "PeerTable", "summarize", "summary_from_json", "summary_to_json"]
 
 
 @dataclass(frozen=True, slots=True)
 class PeerSummary:
-    """The state a region publishes to its peers (the body of its /state answer)."""
+    """The state a region publishes to its peers (the body of its /peer/state answer)."""
 
     region: str
     queue_length: int
     available_replicas: int
     in_flight: tuple[int, ...]
+    healthy_replicas: int | None = None  # None: not reported (older publishers, the evaluator)
+    dispatch_rate: float = 0.0  # local dispatches per second, recently (the cost model's drain)
+    timestamp: float = 0.0  # publisher's UNIX time; informative, freshness is our arrival time
 
 
-def summarize(region: str, queue_length: int, replicas: Sequence[ReplicaView]) -> PeerSummary:
+def summarize(
+    region: str,
+    queue_length: int,
+    replicas: Sequence[ReplicaView],
+    *,
+    dispatch_rate: float = 0.0,
+    timestamp: float = 0.0,
+) -> PeerSummary:
     """A region's summary from its queue length and its replicas as its router sees them."""
     return PeerSummary(
         region=region,
         queue_length=queue_length,
         available_replicas=sum(1 for r in replicas if r.available),
         in_flight=tuple(r.in_flight for r in replicas),
+        healthy_replicas=sum(1 for r in replicas if r.healthy),
+        dispatch_rate=dispatch_rate,
+        timestamp=timestamp,
+    )
+
+
+def summary_to_json(summary: PeerSummary) -> dict[str, Any]:
+    """The /peer/state body."""
+    return {
+        "region": summary.region,
+        "queue_length": summary.queue_length,
+        "available_replicas": summary.available_replicas,
+        "healthy_replicas": summary.healthy_replicas,
+        "in_flight": list(summary.in_flight),
+        "dispatch_rate": summary.dispatch_rate,
+        "timestamp": summary.timestamp,
+    }
+
+
+def _count(data: Mapping[str, Any], key: str) -> int:
+    value = data.get(key)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{key}: expected a count, got {value!r}")
+    return value
+
+
+def _real(data: Mapping[str, Any], key: str) -> float:
+    value = data.get(key, 0.0)
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise ValueError(f"{key}: expected a number, got {value!r}")
+    return float(value)
+
+
+def summary_from_json(data: object) -> PeerSummary:
+    """Parse a /peer/state body; ValueError when it is not one (a peer is trusted, not blind)."""
+    if not isinstance(data, Mapping) or not isinstance(data.get("region"), str):
+        raise ValueError("not a peer state object")
+    in_flight = data.get("in_flight")
+    if not isinstance(in_flight, list):
+        raise ValueError("in_flight: expected a list")
+    healthy = data.get("healthy_replicas")
+    return PeerSummary(
+        region=data["region"],
+        queue_length=_count(data, "queue_length"),
+        available_replicas=_count(data, "available_replicas"),
+        in_flight=tuple(_count({"in_flight": v}, "in_flight") for v in in_flight),
+        healthy_replicas=None if healthy is None else _count(data, "healthy_replicas"),
+        dispatch_rate=_real(data, "dispatch_rate"),
+        timestamp=_real(data, "timestamp"),
     )
 
 
@@ -67,6 +128,27 @@ class PeerTable:
             s, at = got
             fresh = now - at < self._stale_after_s
             out.append(
-                RegionView(name, s.queue_length, s.available_replicas, s.in_flight, rtt, fresh)
+                RegionView(
+                    name,
+                    s.queue_length,
+                    s.available_replicas,
+                    s.in_flight,
+                    rtt,
+                    fresh,
+                    healthy_replicas=s.healthy_replicas,
+                    dispatch_rate=s.dispatch_rate,
+                )
             )
         return tuple(out)
+
+    def names(self) -> tuple[str, ...]:
+        return tuple(self._rtt)
+
+    def age(self, name: str, now: float) -> float | None:
+        """Seconds since `name`'s last summary arrived; None if none ever did."""
+        got = self._last.get(name)
+        return None if got is None else now - got[1]
+
+    def rtt(self, name: str) -> float:
+        """The one-way RTT currently used for `name` (KeyError for unknown peers)."""
+        return self._rtt[name]

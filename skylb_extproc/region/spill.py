@@ -18,6 +18,11 @@ sans-I/O so the live server and the virtual-time evaluator share it:
    that a key maps to the same region wherever it is decided; walk clockwise from the key's hash
    to the first candidate. No key: lowest load, as the local CH policy does.
 5. No candidate: None, the request keeps waiting at home.
+6. Rescue (`rescue=True`, our fix: SkyLB's code answers 503 when a region has no replica): when
+   no local replica is healthy at all, waiting at home is hopeless, so every fresh peer with a
+   healthy replica (or, if it does not report health, an available one) is a candidate, without
+   the tau / queue bounds; a weak prefix match picks the shortest queue, then load, then RTT.
+7. `cost` mode uses the same index and rules 2 and 6; `region/cost.py` chooses among candidates.
 
 Load of a region = its in-flight requests per replica (from its summary): regions of different
 sizes compare fairly, and it includes traffic other regions sent there, which our own count of
@@ -42,6 +47,7 @@ __all__ = [
     "candidates",
     "choose_by_hash",
     "choose_by_prefix",
+    "rescue_candidates",
 ]
 
 
@@ -55,6 +61,8 @@ class RegionView:
     in_flight: tuple[int, ...]  # per replica
     rtt_s: float  # one way, measured or configured
     fresh: bool  # the summary is younger than the staleness bound
+    healthy_replicas: int | None = None  # None: the peer does not report it
+    dispatch_rate: float = 0.0  # its recent local dispatches per second
 
     @property
     def load(self) -> float:
@@ -73,7 +81,7 @@ class Forward:
 
 @dataclass(frozen=True, slots=True)
 class SpillSettings:
-    mode: Literal["prefix", "hash"] = "prefix"
+    mode: Literal["prefix", "hash", "cost"] = "prefix"
     tau: int = 10
     cache_threshold: float = 0.5
     virtual_nodes: int = 1024
@@ -93,7 +101,19 @@ def candidates(peers: Sequence[RegionView], *, our_queue: int, tau: int) -> list
     ]
 
 
-def _least_loaded(peers: Sequence[RegionView]) -> RegionView:
+def rescue_candidates(peers: Sequence[RegionView]) -> list[RegionView]:
+    """Peers that may take a request from a region without any healthy replica (rule 6)."""
+    return [
+        p
+        for p in peers
+        if p.fresh
+        and (p.available_replicas if p.healthy_replicas is None else p.healthy_replicas) >= 1
+    ]
+
+
+def _least_loaded(peers: Sequence[RegionView], *, by_queue: bool = False) -> RegionView:
+    if by_queue:
+        return min(peers, key=lambda p: (p.queue_length, p.load, p.rtt_s))
     return min(peers, key=lambda p: (p.load, p.rtt_s))  # min keeps the first of equals
 
 
@@ -104,15 +124,19 @@ def choose_by_prefix(
     prompt_chars: int,
     block_chars: int,
     cache_threshold: float,
+    by_queue: bool = False,
 ) -> Forward | None:
-    """Rule 3 over already-filtered candidates; `matched` = region -> matched leading blocks."""
+    """Rule 3 over already-filtered candidates; `matched` = region -> matched leading blocks.
+
+    `by_queue` (rule 6) ranks the least-loaded choice by queue length first."""
     if not peers:
         return None
     best = max((matched.get(p.name, 0) for p in peers), default=0)
     if best > 0 and prompt_chars > 0 and best * block_chars / prompt_chars > cache_threshold:
-        chosen = _least_loaded([p for p in peers if matched.get(p.name, 0) == best])
+        tied = [p for p in peers if matched.get(p.name, 0) == best]
+        chosen = _least_loaded(tied, by_queue=by_queue)
         return Forward(chosen.name, "prefix", best)
-    chosen = _least_loaded(peers)
+    chosen = _least_loaded(peers, by_queue=by_queue)
     return Forward(chosen.name, "least_load", matched.get(chosen.name, 0))
 
 
@@ -160,24 +184,35 @@ class SpillPlanner:
         block_chars: int,
         key_hash: int | None,
         now: float,
+        rescue: bool = False,
     ) -> Forward | None:
-        """Where the head of our queue goes, or None to keep it waiting. Records nothing."""
+        """Where the head of our queue goes, or None to keep it waiting. Records nothing.
+
+        `rescue`: no local replica is healthy (rule 6)."""
         s = self.settings
-        ok = candidates([p for p in peers if p.name != self.region], our_queue=our_queue, tau=s.tau)
+        others = [p for p in peers if p.name != self.region]
+        if rescue:
+            ok = rescue_candidates(others)
+        else:
+            ok = candidates(others, our_queue=our_queue, tau=s.tau)
         if s.mode == "hash":
             return choose_by_hash(
                 ok, key_hash, ring_regions=self._ring_regions, virtual_nodes=s.virtual_nodes
             )
-        matched = self._index.match(hashes, now) if ok else {}
         return choose_by_prefix(
             ok,
-            matched,
+            self.match(hashes, now) if ok else {},
             prompt_chars=prompt_chars,
             block_chars=block_chars,
             cache_threshold=s.cache_threshold,
+            by_queue=rescue,
         )
+
+    def match(self, hashes: Sequence[int], now: float) -> dict[str, int]:
+        """Region -> leading blocks of `hashes` among the prompts we forwarded there."""
+        return self._index.match(hashes, now) if hashes else {}
 
     def record(self, region: str, hashes: Sequence[int], now: float) -> None:
         """We forwarded a prompt with these hashes to `region`."""
-        if self.settings.mode == "prefix":
+        if self.settings.mode != "hash":
             self._index.insert(region, hashes, now)
