@@ -17,10 +17,22 @@ from google.protobuf import text_format
 from skylb_extproc.envoy import messages, proto
 from skylb_extproc.envoy.messages import Phase
 from skylb_extproc.errors import BadRequest, BodyTooLarge
-from skylb_extproc.types import Outcome, Reject, Route
+from skylb_extproc.types import Outcome, PeerForward, Reject, Route
 
 GOLDEN = Path(__file__).parent / "golden"
 ROUTE = Route(replica="r0", address="10.0.0.7:8000", reason="prefix")
+FORWARD = PeerForward(
+    region="eu",
+    cluster="peer-eu",
+    headers=(
+        ("x-skylb-origin", "us"),
+        ("x-skylb-ts", "1718000000.000000"),
+        ("x-skylb-id", "us-1a2b3c4d-7"),
+        ("x-skylb-sig", "ab" * 32),
+    ),
+)
+# What a client or a peer sent: stripped, unless the answer sets the header itself.
+SENT = ("x-skylb-origin", "x-skylb-cluster", "x-skylb-replica")
 
 CASES: dict[str, Callable[[], Any]] = {
     **{f"continue_{p.value}": (lambda p=p: messages.continue_response(p)) for p in Phase},
@@ -31,6 +43,15 @@ CASES: dict[str, Callable[[], Any]] = {
     ),
     "route_request_headers_replace_body": lambda: messages.route_response(
         Phase.REQUEST_HEADERS, ROUTE, body=b'{"model":"m","prompt":"hi"}'
+    ),
+    "route_request_body_strip_skylb": lambda: messages.route_response(
+        Phase.REQUEST_BODY, ROUTE, remove=SENT
+    ),
+    "forward_request_body": lambda: messages.forward_response(
+        Phase.REQUEST_BODY, FORWARD, remove=SENT
+    ),
+    "forward_request_headers_replace_body": lambda: messages.forward_response(
+        Phase.REQUEST_HEADERS, FORWARD, body=b'{"model":"m","prompt":"hi"}'
     ),
     "immediate_error": lambda: messages.immediate_error(
         400, "'model' is required.", "invalid_request_error"
@@ -69,6 +90,8 @@ def test_route_only_on_request_headers_or_body() -> None:
     for phase in (Phase.REQUEST_TRAILERS, Phase.RESPONSE_HEADERS, Phase.RESPONSE_BODY):
         with pytest.raises(ValueError, match="route"):
             messages.route_response(phase, ROUTE)
+        with pytest.raises(ValueError, match="route"):
+            messages.forward_response(phase, FORWARD)
 
 
 def test_only_the_headers_answer_replaces_the_body() -> None:

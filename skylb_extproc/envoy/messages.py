@@ -9,6 +9,12 @@ One function per answer kind; every answer is a fresh message (callers may mutat
   headers answer is CONTINUE_AND_REPLACE carrying the whole request body: in
   FULL_DUPLEX_STREAMED, one message instead of one per chunk, and the only way found that does
   not duplicate the body when request trailers arrived before the headers answer (Envoy 1.40).
+- `forward_response(phase, forward)`: send the request to a peer region: header
+  `x-skylb-cluster: <peer cluster>` (the route's `cluster_header`; `clear_route_cache` so Envoy
+  re-routes on it) plus the signed marker headers; `x-gateway-destination-endpoint` removed, no
+  `envoy.lb` metadata (the peer cluster balances over the peer's Envoys itself). Same `body=`.
+- `remove=` (route and forward): request headers to delete, the `x-skylb-*` headers a client or
+  a peer sent that must not reach the upstream (Envoy removes before it sets).
 - `immediate_error(status, message, code)`: answer the client directly with an OpenAI-style body.
 - `streamed_body_chunk(body, end_of_stream)`: FULL_DUPLEX_STREAMED hands the body to us, so a body
   not replaced at once must come back as `streamed_response` chunks, the last one with
@@ -23,10 +29,11 @@ from typing import Any
 
 from skylb_extproc.envoy import proto
 from skylb_extproc.errors import SkylbError
-from skylb_extproc.types import Reject, Route
+from skylb_extproc.types import PeerForward, Reject, Route
 
 DESTINATION_HEADER = "x-gateway-destination-endpoint"
 REPLICA_HEADER = "x-skylb-replica"
+CLUSTER_HEADER = "x-skylb-cluster"
 LB_METADATA_NAMESPACE = "envoy.lb"
 
 
@@ -59,34 +66,58 @@ def continue_response(phase: Phase) -> Any:
 
 
 def route_response(
-    phase: Phase, route: Route, *, clear_route_cache: bool = True, body: bytes | None = None
+    phase: Phase,
+    route: Route,
+    *,
+    clear_route_cache: bool = True,
+    body: bytes | None = None,
+    remove: tuple[str, ...] = (),
 ) -> Any:
     """Send the request to `route.address`; only the request headers or body answer can route.
 
     `body` (request headers only) replaces the request body and ends request processing: Envoy
     sends no further request body or trailers message and expects no answer to those it sent.
     """
+    headers = ((DESTINATION_HEADER, route.address), (REPLICA_HEADER, route.replica))
+    response = _request_answer(phase, headers, remove, clear_route_cache, body)
+    metadata = proto.Struct()
+    metadata.update({LB_METADATA_NAMESPACE: {DESTINATION_HEADER: route.address}})
+    response.dynamic_metadata.CopyFrom(metadata)
+    return response
+
+
+def forward_response(
+    phase: Phase, forward: PeerForward, *, body: bytes | None = None, remove: tuple[str, ...] = ()
+) -> Any:
+    """Send the request to peer region `forward.region` through Envoy cluster `forward.cluster`."""
+    headers = ((CLUSTER_HEADER, forward.cluster), *forward.headers)
+    return _request_answer(phase, headers, (DESTINATION_HEADER, *remove), True, body)
+
+
+def _request_answer(
+    phase: Phase,
+    headers: tuple[tuple[str, str], ...],
+    remove: tuple[str, ...],
+    clear_route_cache: bool,
+    body: bytes | None,
+) -> Any:
     if phase not in (Phase.REQUEST_HEADERS, Phase.REQUEST_BODY):
         raise ValueError(f"a route can only be set on request headers or body, not {phase.value}")
     if body is not None and phase is not Phase.REQUEST_HEADERS:
         raise ValueError("only the request headers answer can replace the body")
+    setting = {key for key, _ in headers}
     common = proto.CommonResponse(
         header_mutation=proto.HeaderMutation(
-            set_headers=[
-                _set_header(DESTINATION_HEADER, route.address),
-                _set_header(REPLICA_HEADER, route.replica),
-            ]
+            set_headers=[_set_header(key, value) for key, value in headers],
+            # A header we set anyway needs no removal (and Envoy would remove then set it).
+            remove_headers=[name for name in remove if name not in setting],
         ),
         clear_route_cache=clear_route_cache,
     )
     if body is not None:
         common.status = proto.CONTINUE_AND_REPLACE
         common.body_mutation.body = body
-    metadata = proto.Struct()
-    metadata.update({LB_METADATA_NAMESPACE: {DESTINATION_HEADER: route.address}})
-    return proto.ProcessingResponse(
-        **{phase.value: _ANSWER[phase](response=common)}, dynamic_metadata=metadata
-    )
+    return proto.ProcessingResponse(**{phase.value: _ANSWER[phase](response=common)})
 
 
 def immediate_error(status: int, message: str, code: str) -> Any:

@@ -25,6 +25,11 @@ to the first message of every stream) decides where the route goes:
 STREAMED / BUFFERED_PARTIAL cannot carry a route with the body answer: `UnsupportedMode`.
 
 Requests without a body (GET, or end_of_stream on the headers) are decided on their headers.
+
+Cross-region: every `x-skylb-*` request header is reported with the `Decide` (the driver verifies
+a forwarding marker from them) and removed by whatever answer routes the request (`remove_headers`),
+so none of them reaches a replica or a peer unless the decision sets it again. A `PeerForward`
+decision is answered exactly where a `Route` would be, with `messages.forward_response`.
 Non-inference bodies are never parsed (RouteRequest.inference=False).
 
 Bad bodies are answered here (immediate 400/413) with a `Fail` action so the driver can count the
@@ -40,10 +45,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from skylb_extproc.envoy import messages
+from skylb_extproc.envoy.headers import content_length, header_values, skylb_headers
 from skylb_extproc.envoy.messages import Phase
 from skylb_extproc.errors import BadRequest, BodyTooLarge, SkylbError
 from skylb_extproc.parsing.openai import is_inference, parse_body, passthrough_request
-from skylb_extproc.types import Outcome, Reject, Route, RouteRequest
+from skylb_extproc.types import Outcome, PeerForward, Reject, Route, RouteRequest
 
 HASH_KEY_HEADER = "x-hash-key"
 _REQUEST_HEADERS_READ = frozenset({":method", ":path", HASH_KEY_HEADER, "content-length"})
@@ -78,9 +84,14 @@ class Send:
 
 @dataclass(frozen=True, slots=True)
 class Decide:
-    """Ask the router; answer with `decided(...)` (possibly much later: the request waits)."""
+    """Ask the router; answer with `decided(...)` (possibly much later: the request waits).
+
+    `skylb_headers`: every x-skylb-* header of the request (first values), for the driver to
+    verify a forwarding marker. Whatever the decision, none of them reaches the upstream unless
+    the decision sets it again."""
 
     request: RouteRequest
+    skylb_headers: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,10 +130,15 @@ class StreamMachine:
         *,
         max_body_bytes: int,
         default_body_mode: BodyMode = BodyMode.BUFFERED,
+        tenant_header: str | None = None,
     ) -> None:
-        """`default_body_mode` applies only if Envoy sends no protocol_config (observability)."""
+        """`default_body_mode` applies only if Envoy sends no protocol_config (observability);
+        `tenant_header`: its value becomes `RouteRequest.tenant` (residency rules)."""
         self.request_id = request_id
         self._max_body_bytes = max_body_bytes
+        self._tenant_header = tenant_header
+        self._tenant: str | None = None
+        self._skylb: dict[str, str] = {}  # x-skylb-* request headers: stripped when routing
         self._default_body_mode = default_body_mode
         self._mode: BodyMode | None = None
         self._response_duplex = False
@@ -171,7 +187,7 @@ class StreamMachine:
             return []
         return handler(self, getattr(msg, kind))
 
-    def decided(self, decision: Route | Reject) -> list[Action]:
+    def decided(self, decision: Route | Reject | PeerForward) -> list[Action]:
         """Apply the router's decision for the request of the last Decide."""
         if self._state is _State.CLOSED:
             return []
@@ -200,7 +216,10 @@ class StreamMachine:
     def _on_request_headers(self, headers: Any) -> list[Action]:
         if self._state is not _State.HEADERS:
             return []
-        values = _header_values(headers.headers, _REQUEST_HEADERS_READ)
+        values = header_values(headers.headers, self._headers_read)
+        self._skylb = skylb_headers(headers.headers)
+        if self._tenant_header is not None:
+            self._tenant = values.get(self._tenant_header)
         self._method = values.get(":method", "")
         self._path = values.get(":path", "")
         self._hash_key = values.get(HASH_KEY_HEADER)
@@ -212,7 +231,7 @@ class StreamMachine:
             return self._decide(dataclasses.replace(self._passthrough(), inference=self._inference))
         if self._mode is BodyMode.BUFFERED and not self._inference:
             return self._decide(self._passthrough())  # Envoy keeps the body; route on headers
-        if _content_length(values) > self._max_body_bytes:
+        if content_length(values) > self._max_body_bytes:
             return self._too_large()
         self._state = _State.BODY
         if self._mode is BodyMode.BUFFERED:
@@ -279,21 +298,35 @@ class StreamMachine:
 
     def _decide(self, request: RouteRequest) -> list[Action]:
         self._state = _State.DECIDING
-        return [Decide(request)]
+        if self._tenant is not None:
+            request = dataclasses.replace(request, tenant=self._tenant)
+        return [Decide(request, tuple(self._skylb.items()))]
+
+    @property
+    def _headers_read(self) -> frozenset[str]:
+        if self._tenant_header is None:
+            return _REQUEST_HEADERS_READ
+        return _REQUEST_HEADERS_READ | {self._tenant_header}
 
     # --- decisions -----------------------------------------------------------------------
 
-    def _route(self, route: Route) -> list[Action]:
+    def _answer(self, decision: Route | PeerForward, phase: Phase, body: bytes | None) -> Any:
+        remove = tuple(self._skylb)
+        if isinstance(decision, PeerForward):
+            return messages.forward_response(phase, decision, body=body, remove=remove)
+        return messages.route_response(phase, decision, body=body, remove=remove)
+
+    def _route(self, decision: Route | PeerForward) -> list[Action]:
         """Route in the first answer Envoy still waits for, then release what waited for it."""
         self._state = _State.ROUTED
         if self._body is not None:  # duplex: Envoy expects no more request answers after this
             body, self._body = self._body, None
             self._headers_answered = True
-            return [Send(messages.route_response(Phase.REQUEST_HEADERS, route, body=body))]
+            return [Send(self._answer(decision, Phase.REQUEST_HEADERS, body))]
         if self._headers_answered:  # BUFFERED inference: the body answer carries the route
-            return [Send(messages.route_response(Phase.REQUEST_BODY, route))]
+            return [Send(self._answer(decision, Phase.REQUEST_BODY, None))]
         self._headers_answered = True
-        actions: list[Action] = [Send(messages.route_response(Phase.REQUEST_HEADERS, route))]
+        actions: list[Action] = [Send(self._answer(decision, Phase.REQUEST_HEADERS, None))]
         if self._body_pending:
             self._body_pending = False
             actions.append(Send(messages.continue_response(Phase.REQUEST_BODY)))
@@ -320,7 +353,7 @@ class StreamMachine:
     # --- response phases -------------------------------------------------------------------
 
     def _on_response_headers(self, headers: Any) -> list[Action]:
-        status = _header_values(headers.headers, frozenset({":status"})).get(":status", "")
+        status = header_values(headers.headers, frozenset({":status"})).get(":status", "")
         return [
             Send(messages.continue_response(Phase.RESPONSE_HEADERS)),
             Started(int(status) if status.isdigit() else 0),
@@ -345,20 +378,3 @@ class StreamMachine:
         Phase.RESPONSE_BODY.value: _on_response_body,
         Phase.RESPONSE_TRAILERS.value: _on_response_trailers,
     }
-
-
-def _header_values(header_map: Any, wanted: frozenset[str]) -> dict[str, str]:
-    """First value of each wanted header; Envoy fills raw_value (bytes), older ones value."""
-    found: dict[str, str] = {}
-    for header in header_map.headers:
-        key = header.key
-        if key in wanted and key not in found:
-            raw = header.raw_value
-            found[key] = raw.decode("utf-8", "replace") if raw else header.value
-    return found
-
-
-def _content_length(values: dict[str, str]) -> int:
-    """Declared body size, 0 when absent or unreadable (chunked bodies are counted as they come)."""
-    declared = values.get("content-length", "")
-    return int(declared) if declared.isdigit() else 0
