@@ -118,14 +118,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_demo(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     # Mirrors demo.add_demo_arguments without importing the demo (and its dependencies) here.
-    demo = sub.add_parser("demo", help="start replicas, skylb and Envoy; optionally send traffic")
+    demo = sub.add_parser("demo", help="start regions of replicas, skylb and Envoy on loopback")
+    demo.add_argument("--regions", default=None, help="a count (3 = us,eu,asia) or names")
     demo.add_argument("--replicas-per-region", type=int, default=3)
+    demo.add_argument("--rtt-ms", type=float, default=50.0, help="round trip between regions")
+    demo.add_argument("--region-weights", default=None, help="share of the traffic per region")
+    demo.add_argument("--residency", action="append", default=[], help="REGION=R1[+R2...]")
+    demo.add_argument("--spill-mode", choices=("prefix", "hash", "cost"), default="prefix")
     demo.add_argument("--profile", default="l4-llama3.1-8b")
     demo.add_argument("--time-scale", type=_positive_float, default=1.0)
     demo.add_argument("--body-mode", choices=("buffered", "duplex"), default="buffered")
     demo.add_argument("--policy", default="skylb")
     demo.add_argument("--traffic", type=int, default=0, help="send N requests, then exit")
-    demo.add_argument("--concurrency", type=int, default=8)
+    demo.add_argument("--concurrency", type=int, default=None, help="concurrent clients")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--workdir", default=None, help="keep configs and logs here")
     demo.set_defaults(handler=_demo)
