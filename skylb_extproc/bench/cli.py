@@ -17,7 +17,7 @@ from skylb_extproc.bench.oracle import oracle_hit_rate
 from skylb_extproc.bench.plots import write_plots
 from skylb_extproc.bench.records import summarize_policy, write_jsonl
 from skylb_extproc.bench.regions import RttMatrix, parse_regions, parse_weights
-from skylb_extproc.bench.report import build_report, render_markdown, write_json
+from skylb_extproc.bench.report import build_report, diagnostics, render_markdown, write_json
 from skylb_extproc.bench.runner import RunSpec, run_all
 from skylb_extproc.bench.search import find_min_replicas
 from skylb_extproc.bench.topology import POLICIES
@@ -181,7 +181,8 @@ def _write(
     spills = {name: sum(1 for r in res.records if r.forwarded_to) for name, res in runs.items()}
     pngs = write_plots(out, runs)
     plots = [f"![{p}]({p})" for p in pngs] or ["(plots skipped: matplotlib is not installed)"]
-    extra = [*extra, "", f"Code: `{_code_version()}`."]
+    extra = [*extra, "", *diagnostics({k: v.records for k, v in runs.items()})]
+    extra += ["", f"Code: `{_code_version()}`."]
     (out / "report.md").write_text(
         render_markdown(report, spills, [*extra, "", "## Plots", "", *plots]), encoding="utf-8"
     )

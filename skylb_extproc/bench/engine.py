@@ -194,6 +194,7 @@ class Simulation:
             flight = self._flights[a.request.request_id if isinstance(a, Spill) else a.request_id]
             if isinstance(a, Spill):
                 flight.record.forwarded_to = a.forward.region
+                flight.record.queued_s += a.waited_s
                 self.timeline.spilled(region)
                 self.push(self.now + self._rtt(region, a.forward.region), LB_REQUEST,
                           (flight.record.id, a.forward.region, True))  # fmt: skip
@@ -201,6 +202,8 @@ class Simulation:
                 replica = a.decision.replica
                 rrec = flight.record
                 rrec.dispatch, rrec.replica = self.now, replica
+                rrec.est_match = a.matched_fraction
+                rrec.queued_s += a.waited_s
                 rrec.replica_region = self.s.replica_region[replica]
                 self.push(self.now + self._rtt(region, rrec.replica_region), REPLICA_ADD, rrec.id)
             else:

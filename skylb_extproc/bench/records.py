@@ -36,10 +36,12 @@ class RequestRecord:
     prompt_tokens: int = 0
     cached_tokens: int = 0
     output_tokens: int = 0  # tokens generated (0 unless served)
+    est_match: float | None = None  # the router's prefix-index estimate at dispatch (0..1)
+    queued_s: float = 0.0  # time spent waiting in balancer queues (origin and, if spilled, peer)
 
     def to_json(self) -> str:
         d = asdict(self)
-        for key in ("arrival", "dispatch", "ttft", "e2e"):
+        for key in ("arrival", "dispatch", "ttft", "e2e", "est_match", "queued_s"):
             if d[key] is not None:
                 d[key] = round(d[key], 6)
         return json.dumps(d, sort_keys=True, separators=(",", ":"))
