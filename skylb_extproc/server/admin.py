@@ -1,9 +1,14 @@
-"""Admin HTTP (aiohttp): /metrics, /healthz, /readyz, /state.
+"""Admin HTTP (aiohttp): /metrics, /healthz, /readyz, /state, /peer/state.
 
 - /healthz: 200 while the process serves (liveness; also during a graceful stop).
 - /readyz: 200 when at least one replica is healthy and the server is not stopping, else 503.
-- /state: the router's view as JSON (region, policy, queue, per-replica load and scrape values).
-Bound to 127.0.0.1 by default: /state and /metrics describe the fleet.
+- /state: the router's view as JSON (region, policy, queue, per-replica load and scrape values,
+  and each peer as we see it).
+- /peer/state: the summary peers poll (queue length, available and healthy replicas, in-flight
+  per replica, dispatch rate, UNIX timestamp), only with a valid `x-skylb-auth` header
+  (region/marker.py); otherwise 401 `{"error": "unauthorized"}` and nothing else.
+Bound to 127.0.0.1 by default: /state and /metrics describe the fleet. /peer/state is meant to
+be reached by peers, through the peer Envoy listener or a bind address of their network.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from collections.abc import Mapping
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from skylb_extproc.region.marker import AUTH_HEADER
 from skylb_extproc.server.driver import Driver
 from skylb_extproc.server.metrics import ServerMetrics
 
@@ -59,6 +65,13 @@ async def _state(request: web.Request) -> web.Response:
     return web.json_response(state, dumps=_dumps)
 
 
+async def _peer_state(request: web.Request) -> web.Response:
+    body = request.app[_DRIVER].peer_state(request.headers.get(AUTH_HEADER))
+    if body is None:
+        return web.json_response({"error": "unauthorized"}, status=401)
+    return web.json_response(body)
+
+
 def _dumps(value: object) -> str:
     return json.dumps(value, default=str, sort_keys=False)
 
@@ -71,6 +84,7 @@ def make_admin_app(driver: Driver, metrics: ServerMetrics) -> web.Application:
     app.router.add_get("/healthz", _healthz)
     app.router.add_get("/readyz", _readyz)
     app.router.add_get("/state", _state)
+    app.router.add_get("/peer/state", _peer_state)
     return app
 
 

@@ -14,8 +14,8 @@ import asyncio
 import contextlib
 import json
 import logging
-import random
 import signal
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -25,11 +25,13 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from skylb_extproc.config import Config, split_host_port
-from skylb_extproc.policy.base import make_policy
-from skylb_extproc.router import Router
+from skylb_extproc.region.build import build_balancer, build_router
+from skylb_extproc.region.config import read_secret
 from skylb_extproc.server.admin import make_admin_app, start_admin
 from skylb_extproc.server.driver import Driver
 from skylb_extproc.server.metrics import ServerMetrics
+from skylb_extproc.server.peering import Peering
+from skylb_extproc.server.peers import PeerPoller
 from skylb_extproc.server.scrape import Scraper
 from skylb_extproc.server.servicer import ExtProcServicer
 
@@ -54,9 +56,7 @@ def grpc_options(config: Config) -> list[tuple[str, int]]:
     ]
 
 
-def build_router(config: Config) -> Router:
-    policy = make_policy(config.policy.name, config.policy.params)
-    return Router(config.router_settings(), config.replicas, policy, random.Random(config.seed))
+__all__ = ["RunningServer", "build_router", "grpc_options", "run_server", "start_server"]
 
 
 @dataclass
@@ -69,6 +69,7 @@ class RunningServer:
     admin: web.AppRunner
     scraper: Scraper
     ports: dict[str, int]
+    poller: PeerPoller | None = None
 
     async def stop(self, grace_s: float) -> None:
         await self.health.enter_graceful_shutdown()  # every service NOT_SERVING, for good
@@ -76,6 +77,8 @@ class RunningServer:
         log.info("stopping: %d streams open, grace %.1fs", self.driver.streams_active, grace_s)
         await self.grpc_server.stop(grace_s)
         await self.scraper.close()
+        if self.poller is not None:
+            await self.poller.close()
         self.driver.close()
         await self.admin.cleanup()
 
@@ -83,7 +86,8 @@ class RunningServer:
 async def start_server(config: Config) -> RunningServer:
     """Start everything (ports 0 in the config are picked here); stop with `RunningServer.stop`."""
     metrics = ServerMetrics(policy=config.policy.name)
-    driver = Driver(build_router(config), region=config.region, metrics=metrics)
+    peering = _peering(config)
+    driver = Driver(build_balancer(config), region=config.region, metrics=metrics, peering=peering)
     grpc_server, health_servicer, grpc_port = await _start_grpc(config, driver)
     admin_host, admin_port = split_host_port(
         config.listen.admin, "listen.admin", allow_port_zero=True
@@ -103,16 +107,48 @@ async def start_server(config: Config) -> RunningServer:
         clock=driver.now,
     )
     await scraper.start()
+    poller = await _start_poller(config, driver, peering)
     ports = {"grpc": grpc_port, "admin": admin_port}
     log.info("serving %s on %s", config.summary(), ports)
-    return RunningServer(driver, grpc_server, health_servicer, runner, scraper, ports)
+    return RunningServer(driver, grpc_server, health_servicer, runner, scraper, ports, poller)
+
+
+def _peering(config: Config) -> Peering:
+    """The secret is read here, at start (check-config read it too, to fail early)."""
+    secret = None if config.secret_file is None else read_secret(config.secret_file)
+    return Peering(
+        config.region,
+        secret,
+        clusters={p.name: p.cluster for p in config.peers},
+        max_skew_s=config.spill.marker_max_skew_s,
+    )
+
+
+async def _start_poller(config: Config, driver: Driver, peering: Peering) -> PeerPoller | None:
+    if not config.peers or peering.secret is None:
+        return None
+    poller = PeerPoller(
+        config.peers,
+        secret=peering.secret,
+        interval_s=config.spill.poll_interval_s,
+        timeout_s=config.spill.stale_after_s,
+        sink=driver.on_peer_summary,
+        clock=driver.now,
+        wall_clock=time.time,
+    )
+    await poller.start()
+    return poller
 
 
 async def _start_grpc(
     config: Config, driver: Driver
 ) -> tuple[grpc.aio.Server, health.aio.HealthServicer, int]:
     server = grpc.aio.server(options=grpc_options(config))
-    servicer = ExtProcServicer(driver, max_body_bytes=config.limits.max_body_bytes)
+    servicer = ExtProcServicer(
+        driver,
+        max_body_bytes=config.limits.max_body_bytes,
+        tenant_header=config.residency.tenant_header,
+    )
     external_processor_pb2_grpc.add_ExternalProcessorServicer_to_server(servicer, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

@@ -1,9 +1,10 @@
 """Prometheus metrics of one skylb server, in its own CollectorRegistry (never the global one).
 
-Event metrics (decisions, waits, latencies, prefix matches, scrape errors) are updated by the
-driver as things happen. State gauges (queue length, per-replica in-flight / available / healthy)
-are read from `router.state(now)` at collection time by a custom collector, so the hot path does
-no per-replica bookkeeping and /metrics can never disagree with /state.
+Event metrics (decisions, waits, latencies, prefix matches, scrape errors, spills, markers) are
+updated by the driver as things happen. State gauges (queue length, per-replica in-flight /
+available / healthy, per-peer staleness and RTT) are read from the core's state at collection
+time by a custom collector, so the hot path does no per-replica bookkeeping and /metrics can
+never disagree with /state.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
+from skylb_extproc.region.marker import RejectReason
 from skylb_extproc.types import Outcome
 
 # Sub-millisecond resolution at the low end: the routing decision itself takes ~10 µs.
@@ -71,15 +73,34 @@ class _StateCollector(Collector):
                 labels=["replica"],
             ),
         }
-        for replica in _replica_rows(state):
+        for replica in _rows(state, "replicas"):
             name = str(replica.get("name", "?"))
             for key, family in families.items():
                 family.add_metric([name], _number(replica.get(key)))
         yield from families.values()
+        yield from _peer_families(state)
 
 
-def _replica_rows(state: Mapping[str, object]) -> list[Mapping[str, object]]:
-    rows = state.get("replicas")
+def _peer_families(state: Mapping[str, object]) -> Iterator[Metric]:
+    staleness = GaugeMetricFamily(
+        "skylb_peer_staleness_seconds",
+        "Age of the peer's last state summary (+Inf: none yet)",
+        labels=["peer"],
+    )
+    rtt = GaugeMetricFamily(
+        "skylb_peer_rtt_seconds", "Smoothed round trip of the peer's state poll", labels=["peer"]
+    )
+    for peer in _rows(state, "peers"):
+        name = str(peer.get("name", "?"))
+        age = peer.get("age_s")
+        staleness.add_metric([name], float("inf") if age is None else _number(age))
+        rtt.add_metric([name], _number(peer.get("rtt_s")))
+    yield staleness
+    yield rtt
+
+
+def _rows(state: Mapping[str, object], key: str) -> list[Mapping[str, object]]:
+    rows = state.get(key)
     if not isinstance(rows, list):
         return []
     return [row for row in rows if isinstance(row, Mapping)]
@@ -115,6 +136,7 @@ class ServerMetrics:
             registry=r,
         )
         self.streams_active = Gauge("skylb_streams_active", "Open ext_proc streams", registry=r)
+        self._add_region_counters(r)
         self._matched_chars = 0.0
         self._routed_chars = 0
         # Pre-create every outcome so rates start at 0 instead of appearing on the first event.
@@ -143,6 +165,31 @@ class ServerMetrics:
             registry=r,
         )
 
+    def _add_region_counters(self, r: CollectorRegistry) -> None:
+        self.spills = Counter(
+            "skylb_spills_total",
+            "Requests forwarded to a peer region",
+            ["origin", "destination", "reason"],
+            registry=r,
+        )
+        self.forwarded_received_total = Counter(
+            "skylb_forwarded_received_total",
+            "Forwarded requests received with a valid marker",
+            ["origin"],
+            registry=r,
+        )
+        self.markers_rejected = Counter(
+            "skylb_markers_rejected_total",
+            "Requests whose x-skylb-* headers did not verify (stripped, served as local)",
+            ["reason"],
+            registry=r,
+        )
+        self.peer_poll_errors = Counter(
+            "skylb_peer_poll_errors_total", "Failed polls of a peer's state", ["peer"], registry=r
+        )
+        for reason in RejectReason:
+            self.markers_rejected.labels(reason.value)
+
     def attach_state(self, source: StateSource) -> None:
         """Export the state gauges from `source` (called once, when the router exists)."""
         self.registry.register(_StateCollector(source))
@@ -166,6 +213,18 @@ class ServerMetrics:
 
     def scrape_failed(self, replica: str) -> None:
         self.scrape_errors.labels(replica).inc()
+
+    def spilled(self, origin: str, destination: str, reason: str) -> None:
+        self.spills.labels(origin, destination, reason).inc()
+
+    def forwarded_received(self, origin: str) -> None:
+        self.forwarded_received_total.labels(origin).inc()
+
+    def marker_rejected(self, reason: str) -> None:
+        self.markers_rejected.labels(reason).inc()
+
+    def peer_poll_failed(self, peer: str) -> None:
+        self.peer_poll_errors.labels(peer).inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -30,8 +30,7 @@ from skylb_extproc.envoy.stream import (
     StreamMachine,
     UnsupportedMode,
 )
-from skylb_extproc.server.driver import Driver
-from skylb_extproc.types import Reject, Route, RouteRequest
+from skylb_extproc.server.driver import Decision, Driver
 
 log = logging.getLogger(__name__)
 
@@ -76,16 +75,23 @@ class _Reader:
 class ExtProcServicer(external_processor_pb2_grpc.ExternalProcessorServicer):  # type: ignore[misc]
     """Envoy's ExternalProcessor service, backed by the driver."""
 
-    def __init__(self, driver: Driver, *, max_body_bytes: int) -> None:
+    def __init__(
+        self, driver: Driver, *, max_body_bytes: int, tenant_header: str | None = None
+    ) -> None:
         self._driver = driver
         self._max_body_bytes = max_body_bytes
+        self._tenant_header = tenant_header
         self._mode_error_logged = False
 
     async def Process(  # the gRPC method name, hence CamelCase
         self, request_iterator: AsyncIterable[Any], context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[Any]:
         driver = self._driver
-        machine = StreamMachine(driver.new_request_id(), max_body_bytes=self._max_body_bytes)
+        machine = StreamMachine(
+            driver.new_request_id(),
+            max_body_bytes=self._max_body_bytes,
+            tenant_header=self._tenant_header,
+        )
         reader = _Reader(request_iterator)
         driver.stream_opened()
         try:
@@ -121,7 +127,7 @@ class ExtProcServicer(external_processor_pb2_grpc.ExternalProcessorServicer):  #
             if isinstance(action, Send):
                 responses.append(action.response)
             elif isinstance(action, Decide):
-                decided = await self._decision(action.request, machine, reader)
+                decided = await self._decision(action, machine, reader)
                 if decided is None:
                     return responses, False
                 decision, early = decided
@@ -134,10 +140,10 @@ class ExtProcServicer(external_processor_pb2_grpc.ExternalProcessorServicer):  #
         return responses, True
 
     async def _decision(
-        self, request: RouteRequest, machine: StreamMachine, reader: _Reader
-    ) -> tuple[Route | Reject, list[Action]] | None:
+        self, action: Decide, machine: StreamMachine, reader: _Reader
+    ) -> tuple[Decision, list[Action]] | None:
         """Wait for the decision while still reading the stream; None if the stream ended."""
-        future = self._driver.submit(request)
+        future = self._driver.submit(action.request, action.skylb_headers)
         early: list[Action] = []
         while not future.done():
             read = reader.reading()
