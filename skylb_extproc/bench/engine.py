@@ -20,15 +20,15 @@ from __future__ import annotations
 
 import heapq
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
-from skylb_extproc.bench.balancer import Action, Spill
 from skylb_extproc.bench.records import OK, RequestRecord
 from skylb_extproc.bench.timeline import Timeline
 from skylb_extproc.bench.topology import System
 from skylb_extproc.bench.trace import TraceRequest, prompt_text
 from skylb_extproc.bench.workloads import Workload
+from skylb_extproc.region.balancer import Action, Forwarding
 from skylb_extproc.sim.model import EngineMetrics, Finished, FirstToken
 from skylb_extproc.types import Reject, Route, RouteRequest, ScrapedMetrics
 
@@ -164,7 +164,6 @@ class Simulation:
     def _on_lb_request(self, payload: tuple[str, str, bool]) -> None:
         rid, region, forwarded = payload
         flight = self._flights[rid]
-        flight.serving = region
         if flight.route_request is None:
             req = flight.request
             flight.route_request = RouteRequest(
@@ -172,8 +171,11 @@ class Simulation:
                 prompt=prompt_text(req), stream=True, max_tokens=req.output_tokens,
                 hash_key=req.group,
             )  # fmt: skip
+        if forwarded:  # the peer verified the marker: it knows where the request comes from
+            flight.route_request = replace(flight.route_request, origin=flight.serving)
+        flight.serving = region
         lb = self.s.balancers[region]
-        self._act(region, lb.on_request(flight.route_request, self.now, forwarded=forwarded))
+        self._act(region, lb.on_request(flight.route_request, self.now))
 
     def _on_started(self, payload: tuple[str, str]) -> None:
         rid, region = payload
@@ -191,8 +193,8 @@ class Simulation:
     def _act(self, region: str, actions: list[Action]) -> None:
         """Perform what a balancer decided, then re-arm its timer."""
         for a in actions:
-            flight = self._flights[a.request.request_id if isinstance(a, Spill) else a.request_id]
-            if isinstance(a, Spill):
+            flight = self._flights[a.request_id]
+            if isinstance(a, Forwarding):
                 flight.record.forwarded_to = a.forward.region
                 flight.record.queued_s += a.waited_s
                 self.timeline.spilled(region)
@@ -208,7 +210,7 @@ class Simulation:
                 self.push(self.now + self._rtt(region, rrec.replica_region), REPLICA_ADD, rrec.id)
             else:
                 self._reject(flight, a.decision)
-        deadline = self.s.balancers[region].router.next_deadline()
+        deadline = self.s.balancers[region].next_deadline()
         armed = self._timer_at.get(region)
         if deadline is not None and (armed is None or deadline < armed):
             self._timer_at[region] = max(deadline, self.now)
@@ -295,7 +297,7 @@ class Simulation:
                 self.push(self.now + self._rtt(region, where), REMOTE_SAMPLE,
                           (region, where, self.now, names))  # fmt: skip
             for peer in self.s.peers.get(region, []):
-                self.push(self.now + self._rtt(region, peer), PEER_SAMPLE, (region, peer))
+                self.push(self.now + self._rtt(region, peer), PEER_SAMPLE, (region, peer, self.now))
         if self._open > 0:  # tick k at t0 + k * interval: no drift from repeated additions
             self.push(self._t0 + (k + 1) * SCRAPE_INTERVAL_S, TICK, k + 1)
 
@@ -312,20 +314,21 @@ class Simulation:
             actions += lb.on_scrape(name, metrics, started_at=started, now=self.now)
         self._act(region, actions)  # performed in order, as if one by one: same pushes
 
-    def _on_peer_sample(self, payload: tuple[str, str]) -> None:
-        region, peer = payload
+    def _on_peer_sample(self, payload: tuple[str, str, float]) -> None:
+        region, peer, started = payload
         cached = self._summaries.get(peer)
         if cached is None or cached[0] != self.now:  # several peers poll at the same instant
             cached = self._summaries[peer] = (self.now, self.s.balancers[peer].summary(self.now))
         summary = cached[1]
-        self.push(self.now + self._rtt(peer, region), PEER_DELIVER, (region, summary))
+        self.push(self.now + self._rtt(peer, region), PEER_DELIVER, (region, summary, started))
 
-    def _on_peer_deliver(self, payload: tuple[str, Any]) -> None:
-        region, summary = payload
-        self._act(region, self.s.balancers[region].on_peer_summary(summary, self.now))
+    def _on_peer_deliver(self, payload: tuple[str, Any, float]) -> None:
+        region, summary, started = payload
+        lb = self.s.balancers[region]
+        self._act(region, lb.on_peer_summary(summary, self.now, started_at=started))
 
     def _on_timeline(self, _: None) -> None:
-        queues = {r: lb.router.queue_length for r, lb in self.s.balancers.items()}
+        queues = {r: lb.queue_length for r, lb in self.s.balancers.items()}
         busy: dict[str, int] = {}
         for name, engine in self.s.replicas.items():
             m = engine.metrics()

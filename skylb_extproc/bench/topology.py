@@ -4,6 +4,7 @@
 |---|---|---|---|---|
 | skylb | per region, own replicas | `skylb` (prefix) | selective | spill by prefix index |
 | skylb-ch | per region, own replicas | `consistent_hash` | selective | spill by region ring |
+| skylb-cost | per region, own replicas | `skylb` (prefix) | selective | spill by expected TTFT |
 | region-local | per region, own replicas | `prefix_affinity` | blind | none |
 | least-load | one, in the first region, all replicas | `least_load` | blind | via the one LB |
 | round-robin | same | `round_robin` | blind | via the one LB |
@@ -15,6 +16,12 @@ load and pushes at once (the gateway keeps no queue of its own), and never leave
 The single-balancer baselines sit in the first region, as the paper's ran in us-east-2, so
 clients of other regions pay the RTT to it and it pays the RTT to other regions' replicas.
 
+`skylb-cost` is our extension (region/cost.py): it spills only when a peer's expected TTFT (RTT
++ its queue wait + uncached prefill) beats waiting at home, with hysteresis; its prefill speed
+is the profile's (1000 / prefill_k_ms tokens/s). Every balancer is the core
+`region.balancer.RegionBalancer`, the one the live server runs; the single-balancer baselines
+get one without peers, which is the Router unchanged.
+
 Clients send `x-hash-key` = their conversation (prefix group), as the paper's clients send their
 session; consistent hashing keys on it.
 """
@@ -24,11 +31,12 @@ from __future__ import annotations
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields, replace
-from typing import Any
+from typing import Any, Literal
 
-from skylb_extproc.bench.balancer import RegionBalancer
 from skylb_extproc.bench.regions import RttMatrix
 from skylb_extproc.policy.base import make_policy
+from skylb_extproc.region.balancer import RegionBalancer, Spill
+from skylb_extproc.region.cost import CostModel, CostSettings
 from skylb_extproc.region.peers import PeerTable
 from skylb_extproc.region.spill import SpillPlanner, SpillSettings
 from skylb_extproc.router import Router, RouterSettings
@@ -38,10 +46,12 @@ from skylb_extproc.types import ReplicaSpec
 
 __all__ = ["BENCH_ROUTER_SETTINGS", "POLICIES", "System", "build_system"]
 
+Mode = Literal["prefix", "hash", "cost"]
 # name -> (router policy, its params, one balancer per region?, spill mode or None)
-_TABLE: dict[str, tuple[str, dict[str, object], bool, str | None]] = {
+_TABLE: dict[str, tuple[str, dict[str, object], bool, Mode | None]] = {
     "skylb": ("skylb", {}, True, "prefix"),
     "skylb-ch": ("consistent_hash", {"selective": True}, True, "hash"),
+    "skylb-cost": ("skylb", {}, True, "cost"),
     "region-local": ("prefix_affinity", {}, True, None),
     "least-load": ("least_load", {}, False, None),
     "round-robin": ("round_robin", {}, False, None),
@@ -87,17 +97,18 @@ def _router(
 
 def _regional_balancer(
     name: str, region: str, regions: Sequence[str], specs: list[ReplicaSpec], rtt: RttMatrix,
-    seed: int,
+    seed: int, profile: Profile,
 ) -> RegionBalancer:  # fmt: skip
     policy, params, _, mode = _TABLE[name]
     router = _router(policy, params, specs, f"{seed}:{name}:{region}")
-    planner = peers = None
-    if mode is not None:
-        settings = SpillSettings(mode="hash" if mode == "hash" else "prefix")
-        planner = SpillPlanner(region, regions, settings)
-        peers = PeerTable({p: rtt.one_way(region, p) for p in regions if p != region})
-    block = BENCH_ROUTER_SETTINGS.block_chars
-    return RegionBalancer(region, router, block_chars=block, planner=planner, peers=peers)
+    if mode is None:
+        return RegionBalancer(region, router)
+    planner = SpillPlanner(region, regions, SpillSettings(mode=mode))
+    peers = PeerTable({p: rtt.one_way(region, p) for p in regions if p != region})
+    cost = None
+    if mode == "cost":
+        cost = CostModel(CostSettings(prefill_tokens_per_s=1000.0 / profile.prefill_k_ms))
+    return RegionBalancer(region, router, spill=Spill(peers, planner, cost))
 
 
 def build_system(
@@ -117,12 +128,12 @@ def build_system(
     if not per_region:
         home = regions[0]
         router = _router(policy, params, list(specs.values()), f"{seed}:{name}:{home}")
-        lb = RegionBalancer(home, router, block_chars=BENCH_ROUTER_SETTINGS.block_chars)
+        lb = RegionBalancer(home, router)
         entry = dict.fromkeys(regions, home)
         return System(name, {home: lb}, engines, where, {home: list(engines)}, entry, False,
                       rtt, profile.model)  # fmt: skip
     balancers = {
-        r: _regional_balancer(name, r, regions, [specs[n] for n in names[r]], rtt, seed)
+        r: _regional_balancer(name, r, regions, [specs[n] for n in names[r]], rtt, seed, profile)
         for r in regions
     }
     polls = {r: [p for p in regions if p != r] for r in regions} if mode else {}
