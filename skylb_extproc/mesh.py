@@ -18,9 +18,12 @@ picked again, the PEER port is not (the other regions know it), and the start fa
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import secrets
 import signal
+import time
+import urllib.request
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -53,6 +56,7 @@ __all__ = [
     "restart_envoy",
     "restart_skylb",
     "start_mesh",
+    "wait_peers_fresh",
 ]
 
 
@@ -66,9 +70,13 @@ class MeshOptions:
     rtt_pairs_ms: Mapping[frozenset[str], float] = field(default_factory=dict)
     residency: Mapping[str, Sequence[str]] = field(default_factory=dict)  # region -> allowed
     spill: SpillConfig = field(default_factory=SpillConfig)
+    stacks: Mapping[str, StackOptions] = field(default_factory=dict)  # per-region `stack`
 
     def rtt(self, a: str, b: str) -> float:
         return self.rtt_pairs_ms.get(frozenset((a, b)), self.rtt_ms)
+
+    def stack_of(self, region: str) -> StackOptions:
+        return replace(self.stacks.get(region, self.stack), region=region)
 
 
 @dataclass
@@ -119,7 +127,7 @@ def region_config(
     )
     allowed = opts.residency.get(region)
     residency = ResidencyConfig(tuple(allowed) if allowed is not None else None)
-    base = skylb_config(replace(opts.stack, region=region), replicas)
+    base = skylb_config(opts.stack_of(region), replicas)
     return replace(
         base, peers=peers, secret_file=str(secret), residency=residency, spill=opts.spill
     )
@@ -134,15 +142,17 @@ def mesh_settings(
         if p != region
     ]
 
+    own = opts.stack_of(region)
+
     def settings_for(listen_port: int, admin_port: int) -> EnvoySettings:
         return EnvoySettings(
             listen_port=listen_port,
             admin_port=admin_port,
             grpc_address=stack.grpc,
             replicas=stack.replicas,
-            body_mode=opts.stack.body_mode,
-            queue_max_wait_s=opts.stack.queue_max_wait_s,
-            max_body_bytes=opts.stack.max_body_bytes,
+            body_mode=own.body_mode,
+            queue_max_wait_s=own.queue_max_wait_s,
+            max_body_bytes=own.max_body_bytes,
             peer_port=peer_ports[region],
             peers=peers,
             skylb_admin_address=stack.admin.removeprefix("http://"),
@@ -154,7 +164,7 @@ def mesh_settings(
 def _start_skylbs(
     sup: Supervisor, workdir: Path, opts: MeshOptions, configs: Sequence[Config]
 ) -> list[tuple[Child, str, str]]:
-    children = [launch_skylb(sup, c, workdir, opts.stack.log_level) for c in configs]
+    children = [launch_skylb(sup, c, workdir, opts.stack_of(c.region).log_level) for c in configs]
     timeout = opts.stack.startup_timeout_s
     started = []
     for child, config in zip(children, configs, strict=True):
@@ -170,7 +180,7 @@ def start_mesh(sup: Supervisor, workdir: Path, opts: MeshOptions) -> Mesh:
     workdir.mkdir(parents=True, exist_ok=True)
     secret = write_secret(workdir / "skylb-secret")
     peer_ports = {r: free_port() for r in opts.regions}
-    launched = {r: launch_replicas(sup, opts.stack, prefix=f"{r}-") for r in opts.regions}
+    launched = {r: launch_replicas(sup, opts.stack_of(r), prefix=f"{r}-") for r in opts.regions}
     timeout = opts.stack.startup_timeout_s
     replicas = {r: collect_replicas(cs, timeout) for r, cs in launched.items()}
     configs = [region_config(opts, r, replicas[r], peer_ports, secret) for r in opts.regions]
@@ -191,14 +201,35 @@ def start_mesh(sup: Supervisor, workdir: Path, opts: MeshOptions) -> Mesh:
             grpc=grpc,
             skylb_config=config_path(workdir, region),
         )
-        region_opts = replace(opts.stack, region=region)
         settings = mesh_settings(opts, region, stack, peer_ports)
-        envoy, rendered, path = start_envoy(sup, region_opts, settings, workdir)
+        envoy, rendered, path = start_envoy(sup, opts.stack_of(region), settings, workdir)
         stack.listener = f"http://127.0.0.1:{rendered.listen_port}"
         stack.envoy_admin = f"http://127.0.0.1:{rendered.admin_port}"
         stack.envoy_pid, stack.envoy_config = envoy.pid, path
         stacks.append(stack)
-    return Mesh(stacks, secret)
+    mesh = Mesh(stacks, secret)
+    wait_peers_fresh(mesh, timeout_s=timeout)
+    return mesh
+
+
+def peers_fresh(admin_url: str) -> dict[str, bool]:
+    """Peer name -> fresh, as the region's skylb sees it (its /state)."""
+    with urllib.request.urlopen(f"{admin_url}/state", timeout=5.0) as resp:
+        state = json.loads(resp.read())
+    return {str(p["name"]): bool(p["fresh"]) for p in state.get("peers", [])}
+
+
+def wait_peers_fresh(mesh: Mesh, *, timeout_s: float, regions: Sequence[str] | None = None) -> None:
+    """Until every region (or `regions`) has a fresh summary of every peer: before that a
+    region would not spill, and a demo or test would measure the start, not the mesh."""
+    names = [r.name for r in mesh.regions]
+    deadline = time.monotonic() + timeout_s
+    for region in regions or names:
+        want = {n: True for n in names if n != region}
+        while peers_fresh(mesh.region(region).admin) != want:
+            if time.monotonic() > deadline:
+                raise ChildError(f"{region}: peers not all fresh within {timeout_s:.0f}s")
+            time.sleep(0.05)
 
 
 # --- breaking and mending a region (tests) ------------------------------------------------------
