@@ -169,3 +169,21 @@ def test_check_config_exit_code_2_names_the_secret_key(
     path.write_text(yaml.safe_dump(d))
     assert main(["check-config", str(path)]) == 2
     assert "secret_file: cannot read" in capsys.readouterr().err
+
+
+def test_build_balancer_from_config(secret: Path) -> None:
+    from skylb_extproc.region.build import build_balancer
+
+    balancer = build_balancer(parse_config(data(secret)))
+    state = balancer.state(0.0)
+    assert state["spill_mode"] == "cost"
+    peers = state["peers"]
+    assert isinstance(peers, list)
+    assert [(p["name"], p["rtt_s"], p["fresh"]) for p in peers] == [
+        ("eu", 0.0, False),  # unknown until measured
+        ("asia", pytest.approx(0.12), False),  # rtt_ms: a round trip
+    ]
+    one_region = build_balancer(
+        parse_config({"region": "us", "replicas": data(secret)["replicas"]})
+    )
+    assert "peers" not in one_region.state(0.0)
