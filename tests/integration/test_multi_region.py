@@ -13,15 +13,13 @@ import asyncio
 import contextlib
 import json
 import re
-import secrets
 import subprocess
 import sys
 import time
 import urllib.request
 from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
 import aiohttp
 import pytest
@@ -38,16 +36,28 @@ from skylb_extproc.mesh import (
     start_mesh,
     wait_peers_fresh,
 )
-from skylb_extproc.mesh_traffic import metric_total
 from skylb_extproc.procs import Supervisor
-from skylb_extproc.region.marker import sign
-from skylb_extproc.stack import RegionStack, model_of
 
-from .conftest import FAST, TINY, get_json, get_text
+from .conftest import FAST, TINY, get_json
+from .meshutil import (
+    MODEL,
+    burst,
+    chat_body,
+    delta,
+    envoy_counter,
+    fill_directly,
+    idle,
+    make_marker,
+    mesh_counters,
+    metric_of,
+    overload_until,
+    post_chat,
+    rejections,
+    wait_unavailable,
+)
 
 pytestmark = pytest.mark.integration
 
-MODEL = model_of(TINY.profile)  # the simulated replicas accept any model name
 RTT_MS = 20.0
 STALE_AFTER_S = 0.5
 OPTS = MeshOptions(
@@ -74,106 +84,19 @@ def mesh(sup: Supervisor, tmp_path_factory: pytest.TempPathFactory) -> Mesh:
     return start_mesh(sup, tmp_path_factory.mktemp("mesh-work"), OPTS)
 
 
-# --- helpers ------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Served:
-    status: int
-    region: str  # where x-inference-pod says it was served ("?" when no replica answered)
-    started: float
-
-
-def _body(text: str, max_tokens: int = 40) -> dict[str, Any]:
-    return {
-        "model": MODEL,
-        "messages": [{"role": "user", "content": text}],
-        "max_tokens": max_tokens,
-    }
-
-
-async def _post(
-    session: aiohttp.ClientSession,
-    url: str,
-    body: dict[str, Any],
-    mesh: Mesh,
-    headers: dict[str, str] | None = None,
-) -> Served:
-    started = time.monotonic()
-    async with session.post(f"{url}/v1/chat/completions", json=body, headers=headers) as resp:
-        await resp.read()
-        pod = resp.headers.get("x-inference-pod", "")
-        return Served(resp.status, mesh.region_of_replica().get(pod, "?"), started)
-
-
-async def _burst(mesh: Mesh, region: str, n: int, tag: str, max_tokens: int = 40) -> list[Served]:
-    """`n` concurrent requests from clients of `region`."""
-    url = mesh.region(region).listener
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session:
-        return list(
-            await asyncio.gather(
-                *(_post(session, url, _body(f"{tag} {i}", max_tokens), mesh) for i in range(n))
-            )
-        )
-
-
-def _metric(stack: RegionStack, name: str, **labels: str) -> float:
-    return metric_total(get_text(f"{stack.admin}/metrics"), name, **labels)
-
-
-def _counters(mesh: Mesh) -> dict[str, dict[str, float]]:
-    return {
-        r.name: {
-            "spills": _metric(r, "skylb_spills_total"),
-            "received": _metric(r, "skylb_forwarded_received_total"),
-            "received_from_us": _metric(r, "skylb_forwarded_received_total", origin="us"),
-        }
-        for r in mesh.regions
-    }
-
-
-def _delta(
-    after: dict[str, dict[str, float]], before: dict[str, dict[str, float]], key: str
-) -> dict[str, float]:
-    return {region: after[region][key] - before[region][key] for region in after}
-
-
-def _envoy_counter(stack: RegionStack, name: str) -> int:
-    text = get_text(f"{stack.envoy_admin}/stats?filter=^{name}$")
-    for line in text.splitlines():
-        key, _, value = line.partition(": ")
-        if key == name:
-            return int(value)
-    return 0
-
-
-async def _idle(mesh: Mesh, timeout_s: float = 15.0) -> None:
-    """Until no region queues anything, every replica is available again and every peer is
-    fresh: the next test starts from a quiet mesh."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        states = [get_json(f"{r.admin}/state") for r in mesh.regions]
-        if all(
-            s["queue_length"] == 0 and all(r["available"] for r in s["replicas"]) for s in states
-        ):
-            break
-        await asyncio.sleep(0.05)
-    wait_peers_fresh(mesh, timeout_s=timeout_s)
-
-
 # --- (a) spill, once -----------------------------------------------------------------------------
 
 
 async def test_overloaded_region_spills_once_and_everything_completes(mesh: Mesh) -> None:
-    await _idle(mesh)
-    before = _counters(mesh)
-    served = await _burst(mesh, "us", 24, "overload")
-    after = _counters(mesh)
+    await idle(mesh)
+    before = mesh_counters(mesh)
+    served = await burst(mesh, "us", 24, "overload")
+    after = mesh_counters(mesh)
     assert [s.status for s in served] == [200] * 24
     elsewhere = [s for s in served if s.region != "us"]
     assert elsewhere, "us never spilled"
     assert {s.region for s in elsewhere} <= {"eu", "asia"}
-    spills, received = _delta(after, before, "spills"), _delta(after, before, "received_from_us")
+    spills, received = delta(after, before, "spills"), delta(after, before, "received_from_us")
     # Every marker us signed was verified exactly once, and every forwarded request was served
     # where it arrived: the receivers forwarded nothing on (they have no clients of their own).
     assert spills["us"] == len(elsewhere) == received["eu"] + received["asia"]
@@ -182,30 +105,6 @@ async def test_overloaded_region_spills_once_and_everything_completes(mesh: Mesh
 
 
 # --- (b) conversations stay where they spilled -------------------------------------------------
-
-
-async def _fill_directly(stack: RegionStack, stop: asyncio.Event) -> None:
-    """Keep every replica of `stack` busy with requests that bypass Envoy (another tenant's
-    load, invisible to skylb except through the scrapes): its replicas are never available."""
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session:
-
-        async def worker(address: str, k: int) -> None:
-            while not stop.is_set():
-                body = _body(f"filler {k}", max_tokens=60)
-                async with session.post(f"http://{address}/v1/chat/completions", json=body) as r:
-                    await r.read()
-
-        await asyncio.gather(*(worker(r.address, k) for r in stack.replicas for k in range(3)))
-
-
-async def _wait_unavailable(stack: RegionStack, timeout_s: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        replicas = get_json(f"{stack.admin}/state")["replicas"]
-        if not any(r["available"] for r in replicas):
-            return
-        await asyncio.sleep(0.02)
-    raise AssertionError(f"{stack.name}: replicas still available")
 
 
 def _history(conv: int, turns: int) -> list[dict[str, str]]:
@@ -220,19 +119,19 @@ def _history(conv: int, turns: int) -> list[dict[str, str]]:
 
 
 async def test_spilled_conversations_keep_their_remote_region(mesh: Mesh) -> None:
-    await _idle(mesh)
+    await idle(mesh)
     us = mesh.region("us")
     stop = asyncio.Event()
-    filler = asyncio.create_task(_fill_directly(us, stop))
+    filler = asyncio.create_task(fill_directly(us, stop))
     try:
-        await _wait_unavailable(us)
+        await wait_unavailable(us)
         where: dict[int, list[str]] = {}
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session:
 
             async def play(conv: int) -> None:
                 for turn in range(4):
                     body = {"model": MODEL, "messages": _history(conv, turn), "max_tokens": 6}
-                    served = await _post(session, us.listener, body, mesh)
+                    served = await post_chat(session, us.listener, body, mesh)
                     assert served.status == 200
                     where.setdefault(conv, []).append(served.region)
                     # The user reads the answer. By the next turn us holds a summary of the peer
@@ -260,77 +159,63 @@ async def test_spilled_conversations_keep_their_remote_region(mesh: Mesh) -> Non
 # --- (c) markers cannot be forged ----------------------------------------------------------------
 
 
-def _marker(
-    secret: bytes, origin: str, destination: str, now: float | None = None
-) -> dict[str, str]:
-    stamp = time.time() if now is None else now
-    marker_id = f"test-{secrets.token_hex(8)}"
-    return dict(
-        sign(secret, origin=origin, destination=destination, marker_id=marker_id, now=stamp)
-    )
-
-
-def _rejected(stack: RegionStack) -> dict[str, float]:
-    text = get_text(f"{stack.admin}/metrics")
-    reasons = ("missing", "bad_signature", "skew", "replay", "loop")
-    return {r: metric_total(text, "skylb_markers_rejected_total", reason=r) for r in reasons}
-
-
 async def test_client_headers_are_stripped_at_the_client_listener(mesh: Mesh) -> None:
-    await _idle(mesh)
+    await idle(mesh)
     us, eu = mesh.region("us"), mesh.region("eu")
     secret = mesh.secret_file.read_bytes().strip()
     # Even a correctly signed marker (a leaked one) and a routing header gain nothing here.
     headers = {
-        **_marker(secret, "eu", "us"),
+        **make_marker(secret, "eu", "us"),
         "x-skylb-cluster": "peer-eu",
         "x-gateway-destination-endpoint": eu.replicas[0].address,
     }
-    before, rejected = _counters(mesh), _rejected(us)
+    before, rejected = mesh_counters(mesh), rejections(us)
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session:
-        served = await _post(session, us.listener, _body("forged at the door", 8), mesh, headers)
+        request = chat_body("forged at the door", 8)
+        served = await post_chat(session, us.listener, request, mesh, headers)
     assert (served.status, served.region) == (200, "us")
-    assert _rejected(us) == rejected  # Envoy stripped them: skylb never saw one
-    assert _delta(_counters(mesh), before, "received") == {"us": 0, "eu": 0, "asia": 0}
+    assert rejections(us) == rejected  # Envoy stripped them: skylb never saw one
+    assert delta(mesh_counters(mesh), before, "received") == {"us": 0, "eu": 0, "asia": 0}
 
 
 async def test_forged_and_replayed_markers_at_the_peer_listener_are_rejected(mesh: Mesh) -> None:
-    await _idle(mesh)
+    await idle(mesh)
     eu = mesh.region("eu")
     assert eu.peer_listener is not None
     secret = mesh.secret_file.read_bytes().strip()
-    valid = _marker(secret, "us", "eu")
+    valid = make_marker(secret, "us", "eu")
     cases = [
-        ("bad_signature", _marker(b"not the secret", "us", "eu")),
-        ("bad_signature", _marker(secret, "us", "asia")),  # signed for another destination
-        ("skew", _marker(secret, "us", "eu", now=time.time() - 60)),
+        ("bad_signature", make_marker(b"not the secret", "us", "eu")),
+        ("bad_signature", make_marker(secret, "us", "asia")),  # signed for another destination
+        ("skew", make_marker(secret, "us", "eu", now=time.time() - 60)),
         ("missing", {"x-skylb-origin": "us"}),
-        ("loop", _marker(secret, "eu", "eu")),
+        ("loop", make_marker(secret, "eu", "eu")),
     ]
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session:
-        received = _metric(eu, "skylb_forwarded_received_total")
-        first = await _post(session, eu.peer_listener, _body("a real forward", 8), mesh, valid)
+        received = metric_of(eu, "skylb_forwarded_received_total")
+        request = chat_body("a real forward", 8)
+        first = await post_chat(session, eu.peer_listener, request, mesh, valid)
         assert (first.status, first.region) == (200, "eu")
-        assert _metric(eu, "skylb_forwarded_received_total") == received + 1
+        assert metric_of(eu, "skylb_forwarded_received_total") == received + 1
         cases.append(("replay", valid))
         for reason, headers in cases:
-            rejected = _rejected(eu)
-            body = _body(f"forged {reason}", 8)
+            rejected = rejections(eu)
+            body = chat_body(f"forged {reason}", 8)
             with_cluster = {**headers, "x-skylb-cluster": "peer-asia"}  # stripped by Envoy
-            served = await _post(session, eu.peer_listener, body, mesh, with_cluster)
+            served = await post_chat(session, eu.peer_listener, body, mesh, with_cluster)
             assert (served.status, served.region) == (200, "eu"), reason
-            after = _rejected(eu)
+            after = rejections(eu)
             assert after[reason] == rejected[reason] + 1, (reason, rejected, after)
-    assert _metric(eu, "skylb_forwarded_received_total") == received + 1
+    assert metric_of(eu, "skylb_forwarded_received_total") == received + 1
 
 
 # --- (d) residency ----------------------------------------------------------------------------
 
 
 async def test_residency_keeps_eu_traffic_in_eu_under_overload(mesh: Mesh) -> None:
-    await _idle(mesh)
+    await idle(mesh)
     eu = mesh.region("eu")
-    spills = _metric(eu, "skylb_spills_total")
+    spills = metric_of(eu, "skylb_spills_total")
     longest_queue = 0
 
     async def watch(done: asyncio.Event) -> None:
@@ -341,36 +226,16 @@ async def test_residency_keeps_eu_traffic_in_eu_under_overload(mesh: Mesh) -> No
 
     done = asyncio.Event()
     watcher = asyncio.create_task(watch(done))
-    served = await _burst(mesh, "eu", 16, "resident")
+    served = await burst(mesh, "eu", 16, "resident")
     done.set()
     await watcher
     assert [s.status for s in served] == [200] * 16
     assert {s.region for s in served} == {"eu"}
-    assert _metric(eu, "skylb_spills_total") == spills
+    assert metric_of(eu, "skylb_spills_total") == spills
     assert longest_queue > 0, "eu was never overloaded: the test proves nothing"
 
 
 # --- (e) a dead peer gets nothing, then spill resumes ---------------------------------------------
-
-
-async def _overload_until(
-    mesh: Mesh, region: str, stop_at: float, workers: int = 8
-) -> list[Served]:
-    url = mesh.region(region).listener
-    results: list[Served] = []
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session:
-
-        async def worker(k: int) -> None:
-            i = 0
-            while time.monotonic() < stop_at:
-                try:
-                    results.append(await _post(session, url, _body(f"w{k} {i}", 30), mesh))
-                except aiohttp.ClientError:
-                    results.append(Served(0, "?", time.monotonic()))
-                i += 1
-
-        await asyncio.gather(*(worker(k) for k in range(workers)))
-    return results
 
 
 KILL = {"skylb": kill_skylb, "envoy": kill_envoy}
@@ -383,23 +248,23 @@ async def test_dead_peer_gets_nothing_within_half_a_second_then_spill_resumes(
 ) -> None:
     """us polls asia through asia's Envoy (peer listener -> skylb admin): a dead skylb and a
     dead Envoy both stop the summaries, and asia goes stale."""
-    await _idle(mesh)
+    await idle(mesh)
     us, asia = mesh.region("us"), mesh.region("asia")
     to_asia = "cluster.peer-asia.upstream_rq_total"
     kill_at = time.monotonic() + 1.5
-    traffic = asyncio.create_task(_overload_until(mesh, "us", kill_at + 2.5))
+    traffic = asyncio.create_task(overload_until(mesh, "us", kill_at + 2.5))
     await asyncio.sleep(kill_at - time.monotonic())
-    assert _envoy_counter(us, to_asia) > 0, "us never spilled to asia before the kill"
+    assert envoy_counter(us, to_asia) > 0, "us never spilled to asia before the kill"
     KILL[victim](sup, asia)
     killed = time.monotonic()
     # Decisions stop when asia's last summary is STALE_AFTER_S old (it arrived before the kill);
     # a request decided just before still spends RTT_MS in us's fault filter before Envoy counts it.
     await asyncio.sleep(STALE_AFTER_S + RTT_MS / 1000 + 0.05)
-    sent_by_envoy = _envoy_counter(us, to_asia)
-    decided = _metric(us, "skylb_spills_total", destination="asia")
+    sent_by_envoy = envoy_counter(us, to_asia)
+    decided = metric_of(us, "skylb_spills_total", destination="asia")
     results = await asyncio.wait_for(traffic, timeout=60)
-    assert _envoy_counter(us, to_asia) == sent_by_envoy
-    assert _metric(us, "skylb_spills_total", destination="asia") == decided
+    assert envoy_counter(us, to_asia) == sent_by_envoy
+    assert metric_of(us, "skylb_spills_total", destination="asia") == decided
     assert not peers_fresh(us.admin)["asia"]
     late = [r for r in results if r.started > killed + STALE_AFTER_S + 0.1]
     assert len(late) >= 10 and all(r.status == 200 for r in late), [r.status for r in late]
@@ -407,9 +272,9 @@ async def test_dead_peer_gets_nothing_within_half_a_second_then_spill_resumes(
 
     RESTART[victim](sup, asia)  # same ports: the pollers and the Envoys find it again
     wait_peers_fresh(mesh, timeout_s=10.0)
-    again = await _overload_until(mesh, "us", time.monotonic() + 2.5)
+    again = await overload_until(mesh, "us", time.monotonic() + 2.5)
     assert all(r.status == 200 for r in again), [r.status for r in again]
-    assert _metric(us, "skylb_spills_total", destination="asia") > decided
+    assert metric_of(us, "skylb_spills_total", destination="asia") > decided
     assert "asia" in {r.region for r in again}
 
 
