@@ -1,4 +1,5 @@
-"""Command line: `skylb-extproc serve | check-config | sim-replica | demo | bench`.
+"""Command line: `skylb-extproc serve | check-config | sim-replica | vllm-replica | vllm-setup |
+demo | bench`.
 
 Heavy imports (grpc, aiohttp, the simulator, the demo) happen inside the handlers, so
 `check-config` stays fast and works even when optional parts of the package are missing.
@@ -43,6 +44,18 @@ def _sim_replica(args: argparse.Namespace) -> int:
     from skylb_extproc.sim.replica import main_sim_replica
 
     return _result(main_sim_replica(args))
+
+
+def _vllm_replica(args: argparse.Namespace) -> int:
+    from skylb_extproc.backends.vllm import main_vllm_replica
+
+    return main_vllm_replica(args)
+
+
+def _vllm_setup(args: argparse.Namespace) -> int:
+    from skylb_extproc.backends.vllm_setup import main_vllm_setup
+
+    return main_vllm_setup(args)
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -107,6 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="delay streaming response headers to the first token (vLLM sends them on accept)",
     )
     sim.set_defaults(handler=_sim_replica)
+    _add_vllm(sub)
     _add_demo(sub)
     # The bench has its own parser (and heavy imports): everything after `bench` goes to it.
     bench = sub.add_parser(
@@ -114,6 +128,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.set_defaults(handler=_bench, takes_rest=True)
     return parser
+
+
+def _add_vllm(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    # Argument definitions live beside the code (light modules: no vLLM import here).
+    from skylb_extproc.backends.vllm import add_replica_arguments
+    from skylb_extproc.backends.vllm_setup import add_setup_arguments
+
+    replica = sub.add_parser("vllm-replica", help="run one real vLLM replica (its own venv)")
+    add_replica_arguments(replica)
+    replica.set_defaults(handler=_vllm_replica)
+    setup = sub.add_parser("vllm-setup", help="install vLLM (CPU) into its venv and check it")
+    add_setup_arguments(setup)
+    setup.set_defaults(handler=_vllm_setup)
 
 
 def _add_demo(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
