@@ -21,11 +21,17 @@ from skylb_extproc.bench.report import build_report, diagnostics, render_markdow
 from skylb_extproc.bench.runner import RunSpec, run_all
 from skylb_extproc.bench.search import find_min_replicas
 from skylb_extproc.bench.topology import POLICIES
-from skylb_extproc.bench.trace import detect_format
+from skylb_extproc.bench.trace import TraceRequest, detect_format
 from skylb_extproc.bench.workloads import FORMATS, WorkloadSpec, build_workload
 from skylb_extproc.sim.profiles import PROFILES
 
 __all__ = ["add_bench_arguments", "main_bench"]
+
+LIVE_DEFAULT_LIMIT = 200
+LIVE_MISSING_WHY = (
+    "single-balancer baselines run live only with one region: "
+    "the stacks do not delay clients on their way to a balancer"
+)
 
 
 def add_bench_arguments(p: argparse.ArgumentParser) -> None:
@@ -53,6 +59,7 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--daily-csv", default=None, help="servegen_daily_rates.csv path")
     p.add_argument("--jobs", type=int, default=None, help="processes (default: CPU count)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--time-scale", type=float, default=10.0, help="--live: replica speed-up")
 
 
 class _Usage(ValueError):
@@ -96,6 +103,8 @@ def _params(args: argparse.Namespace, wl: WorkloadSpec, fmt: str) -> dict[str, o
         "profile": args.profile, "rate_scale": wl.rate_scale, "limit": wl.limit, "seed": wl.seed,
         "daily_curve": wl.daily_curve, "regions_note": "constructed: no public trace has regions",
     }  # fmt: skip
+    if args.live:
+        params |= {"live": True, "time_scale": args.time_scale}
     if wl.format == "closed-loop":
         params |= {
             "clients_per_region": list(wl.clients_per_region),
@@ -106,10 +115,11 @@ def _params(args: argparse.Namespace, wl: WorkloadSpec, fmt: str) -> dict[str, o
 
 def main_bench(args: argparse.Namespace) -> int:
     """Run the benchmark `args` describe; 0 on success, 2 on bad input."""
-    if args.live:
-        print("bench --live: not available yet (needs the multi-region demo stack); "
-              "run without --live for the virtual-time evaluator", file=sys.stderr)  # fmt: skip
+    if args.live and (args.find_min_replicas or args.format == "closed-loop"):
+        print("bench --live: open-loop traces only, without --find-min-replicas", file=sys.stderr)
         return 2
+    if args.live and args.limit is None:
+        args.limit = LIVE_DEFAULT_LIMIT  # live runs take real time: capped unless asked
     if args.find_min_replicas and args.slo_ttft_p90 is None:
         print("bench: --find-min-replicas needs --slo-ttft-p90 S", file=sys.stderr)
         return 2
@@ -122,21 +132,34 @@ def main_bench(args: argparse.Namespace) -> int:
     fmt = wl.format if wl.format == "closed-loop" else _file_format(wl)
     out = Path(args.out)
     (out / "records").mkdir(parents=True, exist_ok=True)
-    results = dict(
-        zip(
-            [r.policy for r in runs],
-            run_all(runs, jobs=args.jobs, progress=not args.quiet),
-            strict=True,
-        )
-    )
-    report = build_report(_params(args, wl, fmt), oracle_hit_rate(workload.requests()), results)
     extra: list[str] = []
+    if args.live:
+        results = _run_live(args, wl, runs, workload.requests())
+        missing = [r.policy for r in runs if r.policy not in results]
+        if missing:
+            extra = [f"Not run live: {', '.join(missing)} ({LIVE_MISSING_WHY})."]
+    else:
+        done = run_all(runs, jobs=args.jobs, progress=not args.quiet)
+        results = dict(zip([r.policy for r in runs], done, strict=True))
+    report = build_report(_params(args, wl, fmt), oracle_hit_rate(workload.requests()), results)
     if args.find_min_replicas:
         report["min_replicas_per_region"] = _search(args, runs, results)
         extra = _search_md(report["min_replicas_per_region"])
     _write(out, report, results, extra)
     print(f"bench: wrote {out / 'report.json'} and {out / 'report.md'}")
     return 0
+
+
+def _run_live(
+    args: argparse.Namespace, wl: WorkloadSpec, runs: list[RunSpec], reqs: list[TraceRequest]
+) -> dict[str, RunResult]:
+    from skylb_extproc.bench.live import LiveOptions, run_live
+
+    opts = LiveOptions(
+        regions=wl.regions, replicas_per_region=args.replicas_per_region, profile=args.profile,
+        rtt=RttMatrix.parse(args.rtt_ms, wl.regions), time_scale=args.time_scale,
+    )  # fmt: skip
+    return dict(run_live([r.policy for r in runs], reqs, opts))
 
 
 def _file_format(wl: WorkloadSpec) -> str:

@@ -96,6 +96,8 @@ def write_plots(out: Path, results: Mapping[str, RunResult]) -> list[str]:
     if plt is None or not results:
         return []
     _ttft_cdf(plt, results, out / "ttft_cdf.png")
+    if not all(res.timeline.times for res in results.values()):
+        return ["ttft_cdf.png"]  # live runs have no virtual-time series
     _throughput(plt, results, out / "throughput.png")
     _regions(plt, results, out / "regions.png")
     return ["ttft_cdf.png", "throughput.png", "regions.png"]

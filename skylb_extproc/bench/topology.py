@@ -30,8 +30,8 @@ from __future__ import annotations
 
 import random
 from collections.abc import Sequence
-from dataclasses import dataclass, field, fields, replace
-from typing import Any, Literal
+from dataclasses import dataclass, field
+from typing import Literal
 
 from skylb_extproc.bench.regions import RttMatrix
 from skylb_extproc.policy.base import make_policy
@@ -60,17 +60,11 @@ _TABLE: dict[str, tuple[str, dict[str, object], bool, Mode | None]] = {
 }
 POLICIES: tuple[str, ...] = tuple(_TABLE)
 
-# Waiting is part of the latency being measured, so the balancer's queue neither fills nor
-# expires in a benchmark (the live defaults, 1024 entries and 30 s, would turn an overload
-# into 429/503 answers for the selective policies only, and make them look better).
-# The evaluator calls `on_started` at the first token, which proves the engine took the request:
-# tell the Router so (`confirm_on_headers`, where the Router has it).
-_CONFIRM: dict[str, Any] = {
-    f.name: True for f in fields(RouterSettings) if f.name == "confirm_on_headers"
-}
-BENCH_ROUTER_SETTINGS = replace(
-    RouterSettings(queue_max_length=1_000_000, queue_max_wait_s=1e9), **_CONFIRM
-)
+# The live server's defaults except the queue bounds (confirm_on_headers stays off, as for vLLM,
+# which sends response headers on accept). Waiting is part of the latency being measured, so
+# the balancer's queue neither fills nor expires here (the live defaults, 1024 entries and 30 s,
+# would turn an overload into 429/503 answers for the selective policies only).
+BENCH_ROUTER_SETTINGS = RouterSettings(queue_max_length=1_000_000, queue_max_wait_s=1e9)
 
 
 @dataclass

@@ -92,8 +92,9 @@ def test_flags_are_validated(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     assert main_bench(_args("--trace", trace, "--out", out, "--policies", "skylb,nope")) == 2
     assert main_bench(_args("--trace", trace, "--out", out, "--region-weights", "1,2")) == 2
     assert main_bench(_args("--trace", trace, "--out", out, "--find-min-replicas")) == 2
-    assert main_bench(_args("--trace", trace, "--out", out, "--live")) == 2
-    assert "not available yet" in capsys.readouterr().err
+    live = ("--live", "--format", "closed-loop")
+    assert main_bench(_args("--trace", trace, "--out", out, *live)) == 2
+    assert "open-loop traces only" in capsys.readouterr().err
 
 
 def test_find_min_replicas(tmp_path: Path) -> None:

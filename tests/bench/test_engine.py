@@ -57,9 +57,10 @@ def test_tiny_exact_ttfts(policy: str) -> None:
 
 def test_tiny_selective_pushing_holds_c_at_the_balancer() -> None:
     """skylb holds C: the last scrape (at 0, engine still empty) shows a free KV cache, but our
-    unseen dispatches A (6 blocks) and B (2) overflow 90% of 8 blocks, so the replica is not
-    available. A's first token (96 ms) confirms A started: only B is unseen, C goes. Blind
-    pushing (region-local) sends C at once and it waits inside the engine instead.
+    unseen dispatches A and B (prompt + max_tokens reserved) overflow 90% of 8 blocks, so the
+    replica is not available. A ends at its first token (96 ms, max_tokens 1): its stream ends,
+    only B is unseen, C goes. Blind pushing (region-local) sends C at once and it waits inside
+    the engine instead.
     """
     sky, blind = _run_tiny("skylb"), _run_tiny("region-local")
     assert [sky[r].dispatch for r in "ABC"] == pytest.approx([0.0, 0.001, 0.096], abs=1e-9)

@@ -1,0 +1,186 @@
+"""`bench --live`: replay the workload through the real stack and write the same records.
+
+Real Envoys and real skylb servers (the demo's `stack.start_region` / `mesh.start_mesh`) in
+front of simulated replicas (`sim/replica.py`, the same `ReplicaEngine` as the virtual run),
+on loopback. Time is compressed: the replicas run `time_scale` times faster than real time,
+requests are sent at `arrival / time_scale`, injected inter-region delays are divided by it,
+and measured latencies are multiplied by it, so records are in the same (virtual) seconds as
+the evaluator's. What does not scale: the balancers' 100 ms polling and Envoy's own overhead
+(both get relatively `time_scale` times slower), so expect live TTFTs somewhat above virtual.
+
+Topologies: per-region policies run one stack per region (a peered mesh for the spilling
+ones). The single-balancer baselines need a client-to-balancer delay that the stacks do not
+inject, so they run live only with one region (where every topology is one balancer over that
+region's replicas); otherwise they are reported as not run. Open-loop workloads only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import tempfile
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from skylb_extproc.bench.engine import RunResult
+from skylb_extproc.bench.records import OK, RequestRecord
+from skylb_extproc.bench.regions import RttMatrix
+from skylb_extproc.bench.timeline import Timeline
+from skylb_extproc.bench.trace import TraceRequest, prompt_text
+from skylb_extproc.mesh import MeshOptions, start_mesh
+from skylb_extproc.procs import Supervisor
+from skylb_extproc.region.config import SpillConfig
+from skylb_extproc.stack import StackOptions, model_of, start_region
+
+__all__ = ["LIVE_SINGLE_LB", "LiveOptions", "run_live"]
+
+# name -> (skylb policy, params, spill mode or None)
+_PER_REGION: dict[str, tuple[str, dict[str, Any], str | None]] = {
+    "skylb": ("skylb", {}, "prefix"),
+    "skylb-ch": ("consistent_hash", {"selective": True}, "hash"),
+    "skylb-cost": ("skylb", {}, "cost"),
+    "region-local": ("prefix_affinity", {}, None),
+}
+LIVE_SINGLE_LB: dict[str, str] = {
+    "least-load": "least_load",
+    "round-robin": "round_robin",
+    "consistent-hash": "consistent_hash",
+    "sglang": "prefix_affinity",
+}
+
+
+@dataclass(frozen=True)
+class LiveOptions:
+    regions: tuple[str, ...]
+    replicas_per_region: int
+    profile: str
+    rtt: RttMatrix
+    time_scale: float = 10.0
+    timeout_s: float = 300.0  # per request, virtual seconds
+
+
+@dataclass
+class _System:
+    listeners: dict[str, str]  # client region -> the Envoy URL its clients use
+    replica_region: dict[str, str]  # x-inference-pod -> region
+    model: str
+
+
+def supported(policy: str, regions: Sequence[str]) -> bool:
+    return policy in _PER_REGION or (policy in LIVE_SINGLE_LB and len(regions) == 1)
+
+
+def _start(sup: Supervisor, workdir: Path, policy: str, opts: LiveOptions) -> _System:
+    name, params, mode = _PER_REGION.get(policy, (LIVE_SINGLE_LB.get(policy, ""), {}, None))
+    stack = StackOptions(
+        replicas=opts.replicas_per_region, profile=opts.profile, time_scale=opts.time_scale,
+        policy=name, policy_params=params, queue_max_length=100_000, queue_max_wait_s=600.0,
+    )  # fmt: skip
+    model = model_of(opts.profile)
+    if mode is not None and len(opts.regions) > 1:
+        one_way_ms = opts.rtt.default_s * 1000.0 / opts.time_scale
+        mesh = start_mesh(
+            sup, workdir, MeshOptions(opts.regions, stack=stack, rtt_ms=2 * one_way_ms,
+                                      rtt_pairs_ms=_pairs_ms(opts), spill=SpillConfig(mode=mode))
+        )  # fmt: skip
+        urls = {r.name: r.listener for r in mesh.regions}
+        return _System(urls, mesh.region_of_replica(), model)
+    listeners: dict[str, str] = {}
+    where: dict[str, str] = {}
+    for region in opts.regions:
+        rs = start_region(sup, workdir / region, replace(stack, region=region))
+        listeners[region] = rs.listener
+        where |= {rep.name: region for rep in rs.replicas}
+    return _System(listeners, where, model)
+
+
+def _pairs_ms(opts: LiveOptions) -> dict[frozenset[str], float]:
+    """Round trips in wall milliseconds for the pairs given explicitly."""
+    return {pair: 2000.0 * s / opts.time_scale for pair, s in opts.rtt.pairs.items()}
+
+
+async def _send(
+    session: aiohttp.ClientSession, system: _System, req: TraceRequest, t0: float, opts: LiveOptions
+) -> RequestRecord:
+    loop = asyncio.get_running_loop()
+    rec = RequestRecord(req.request_id, req.region, req.arrival, balancer=req.region)
+    rec.prompt_tokens = req.prompt_tokens
+    body = {
+        "model": system.model, "prompt": prompt_text(req), "max_tokens": req.output_tokens,
+        "stream": True, "stream_options": {"include_usage": True},
+    }  # fmt: skip
+    await asyncio.sleep(max(0.0, t0 + req.arrival / opts.time_scale - loop.time()))
+    sent = loop.time()
+    url = system.listeners[req.region] + "/v1/completions"
+    try:
+        async with session.post(url, json=body, headers={"x-hash-key": req.group}) as resp:
+            if resp.status != 200:
+                rec.outcome = f"http_{resp.status}"
+                return rec
+            rec.replica = resp.headers.get("x-inference-pod", "")
+            first = await _read_stream(resp, rec, loop)
+    except (aiohttp.ClientError, OSError, TimeoutError, ValueError) as exc:
+        rec.outcome = f"error: {type(exc).__name__}"
+        return rec
+    end = loop.time()
+    rec.replica_region = system.replica_region.get(rec.replica, "")
+    rec.forwarded_to = "" if rec.replica_region == req.region else rec.replica_region
+    rec.ttft = ((first if first is not None else end) - sent) * opts.time_scale
+    rec.e2e = (end - sent) * opts.time_scale
+    rec.outcome = OK
+    return rec
+
+
+async def _read_stream(
+    resp: aiohttp.ClientResponse, rec: RequestRecord, loop: asyncio.AbstractEventLoop
+) -> float | None:
+    """Read SSE chunks; the first one's arrival is the first token. Fills the usage fields."""
+    first: float | None = None
+    async for raw in resp.content:
+        line = raw.strip()
+        if not line.startswith(b"data:"):
+            continue
+        data = line[5:].strip()
+        if data == b"[DONE]":
+            break
+        first = loop.time() if first is None else first
+        usage = json.loads(data).get("usage")
+        if isinstance(usage, dict):
+            rec.prompt_tokens = int(usage.get("prompt_tokens") or rec.prompt_tokens)
+            rec.output_tokens = int(usage.get("completion_tokens") or 0)
+            details = usage.get("prompt_tokens_details") or {}
+            rec.cached_tokens = int(details.get("cached_tokens") or 0)
+    return first
+
+
+async def _replay(
+    system: _System, reqs: Sequence[TraceRequest], opts: LiveOptions
+) -> list[RequestRecord]:
+    timeout = aiohttp.ClientTimeout(total=opts.timeout_s / opts.time_scale + 30.0)
+    connector = aiohttp.TCPConnector(limit=0)
+    async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
+        t0 = asyncio.get_running_loop().time() + 0.5
+        return list(await asyncio.gather(*(_send(session, system, r, t0, opts) for r in reqs)))
+
+
+def run_live(
+    policies: Sequence[str], reqs: Sequence[TraceRequest], opts: LiveOptions
+) -> Mapping[str, RunResult]:
+    """Each supported policy in turn on a fresh stack; unsupported ones are left out."""
+    out: dict[str, RunResult] = {}
+    for policy in policies:
+        if not supported(policy, opts.regions):
+            continue
+        with (
+            tempfile.TemporaryDirectory(prefix="skylb-live-") as tmp,
+            Supervisor(Path(tmp) / "logs") as sup,
+        ):
+            system = _start(sup, Path(tmp), policy, opts)
+            records = asyncio.run(_replay(system, reqs, opts))
+            sup.stop_all()
+        out[policy] = RunResult(records, Timeline(list(opts.regions)))
+    return out
