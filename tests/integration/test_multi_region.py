@@ -302,3 +302,19 @@ def test_multi_region_demo_prints_every_region_and_a_summary() -> None:
     assert "errors: 0" in text
     assert re.search(r"sent by region: +us=\d+ eu=\d+ asia=\d+", text), text
     assert "spills (skylb_spills_total):" in text and "prefix hit rate:" in text
+
+
+def test_spill_in_duplex_body_mode(tmp_path: Path) -> None:
+    """FULL_DUPLEX_STREAMED answers in a different message; the route must still be recomputed
+    from x-skylb-cluster (clear_route_cache) and the body must reach the peer intact."""
+    duplex = MeshOptions(
+        regions=("us", "eu"),
+        stack=replace(TINY, replicas=1, body_mode="duplex"),
+        stacks={"eu": replace(FAST, replicas=1, body_mode="duplex")},
+        rtt_ms=RTT_MS,
+    )
+    with Supervisor(tmp_path / "logs") as supervisor:
+        two = start_mesh(supervisor, tmp_path, duplex)
+        served = asyncio.run(burst(two, "us", 12, "duplex"))
+    assert [s.status for s in served] == [200] * 12
+    assert "eu" in {s.region for s in served}
