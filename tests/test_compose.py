@@ -202,10 +202,8 @@ def test_vllm_gets_the_gpus_and_the_model_from_the_environment(spec: dict[str, A
         assert _services(spec)[f"sim-{region.name}"]["profiles"] == ["sim"]
 
 
-@pytest.mark.parametrize("name", sorted(compose.render_all()))
+@pytest.mark.parametrize("name", sorted(n for n in compose.render_all() if n.startswith("envoy-")))
 def test_envoy_accepts_the_compose_configs(name: str) -> None:
-    if not name.startswith("envoy-"):
-        pytest.skip("a skylb config")
     try:
         binary = find_envoy_binary()
     except FileNotFoundError:
