@@ -119,6 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="delay streaming response headers to the first token (vLLM sends them on accept)",
     )
+    sim.add_argument("--block-size", type=int, default=None, help="override the profile's")
+    sim.add_argument("--max-num-seqs", type=int, default=None, help="override the profile's")
     sim.set_defaults(handler=_sim_replica)
     _add_vllm(sub)
     _add_demo(sub)
@@ -153,6 +155,9 @@ def _add_demo(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     demo.add_argument("--residency", action="append", default=[], help="REGION=R1[+R2...]")
     demo.add_argument("--spill-mode", choices=("prefix", "hash", "cost"), default="prefix")
     demo.add_argument("--profile", default="l4-llama3.1-8b")
+    demo.add_argument(
+        "--backend", choices=("sim", "vllm"), default="sim", help="replicas: sim | vllm"
+    )
     demo.add_argument("--time-scale", type=_positive_float, default=1.0)
     demo.add_argument("--body-mode", choices=("buffered", "duplex"), default="buffered")
     demo.add_argument("--policy", default="skylb")

@@ -46,6 +46,7 @@ from skylb_extproc.mesh_traffic import (
 )
 from skylb_extproc.procs import ChildError, Supervisor
 from skylb_extproc.stack import (
+    BACKENDS,
     ENVOY_START_ATTEMPTS,
     RegionStack,
     StackOptions,
@@ -74,6 +75,7 @@ __all__ = [
 ]
 
 ONE_REGION_CONCURRENCY = 8
+VLLM_STARTUP_TIMEOUT_S = 300.0
 # Concurrent clients in all regions, per replica of a region: the first region's 70% of them keep
 # more requests in flight than its simulated L4s hold in KV cache with the chat workload's
 # prompts (measured: 24 per replica never spilled, 64 does), so it runs out of available
@@ -111,6 +113,7 @@ def _arg(args: argparse.Namespace, *names: str, default: Any) -> Any:
 
 def options_from_args(args: argparse.Namespace) -> StackOptions:
     """Read the demo's options, tolerating a parser that defines only some of them."""
+    backend = str(_arg(args, "backend", default="sim"))
     return StackOptions(
         replicas=int(_arg(args, "replicas_per_region", "replicas", default=3)),
         profile=str(_arg(args, "profile", default=StackOptions.profile)),
@@ -118,6 +121,9 @@ def options_from_args(args: argparse.Namespace) -> StackOptions:
         body_mode=str(_arg(args, "body_mode", default="buffered")),
         policy=str(_arg(args, "policy", default="skylb")),
         log_level=str(_arg(args, "log_level", default="INFO")),
+        backend=backend,
+        # Real vLLM servers start in ~20 s alone, longer side by side on 2 cores.
+        startup_timeout_s=VLLM_STARTUP_TIMEOUT_S if backend == "vllm" else 60.0,
     )
 
 
@@ -130,6 +136,7 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--residency", action="append", default=[], help="REGION=R1[+R2...]")
     parser.add_argument("--spill-mode", choices=("prefix", "hash", "cost"), default="prefix")
     parser.add_argument("--profile", default=StackOptions.profile)
+    parser.add_argument("--backend", choices=BACKENDS, default="sim", help="replicas: sim | vllm")
     parser.add_argument("--time-scale", type=float, default=1.0)
     parser.add_argument("--body-mode", choices=("buffered", "duplex"), default="buffered")
     parser.add_argument("--policy", default="skylb")

@@ -1,4 +1,8 @@
-"""Bring up one region on loopback — simulated replicas, `skylb-extproc serve`, a real Envoy.
+"""Bring up one region on loopback — replicas, `skylb-extproc serve`, a real Envoy.
+
+Replicas are simulated (`backend="sim"`, the default) or real vLLM on the CPU (`backend="vllm"`,
+`backends/vllm.py`: `skylb-extproc vllm-setup` first). Both are started as a `skylb-extproc`
+subcommand that prints one JSON line with its port once it serves, so the rest does not care.
 
 Used by the demo, the integration tests and `mesh.py` (several regions). Each step is split
 into launching the processes and collecting their ports, so several regions start side by side:
@@ -50,6 +54,11 @@ class StackOptions:
     startup_timeout_s: float = 60.0
     envoy_log_level: str = "warning"
     log_level: str = "INFO"
+    backend: str = "sim"  # "sim" | "vllm"
+    # --max-num-seqs and --block-size of every replica, both backends (None: the profile's for
+    # sim; vLLM's CPU defaults, 128 and our 32, for vllm)
+    max_num_seqs: int | None = None
+    block_size: int | None = None
 
 
 @dataclass
@@ -98,17 +107,40 @@ def model_of(profile: str) -> str:
 # --- replicas ------------------------------------------------------------------------------------
 
 
+BACKENDS = ("sim", "vllm")
+
+
+def replica_args(opts: StackOptions, name: str, run_dir: Path) -> list[str]:
+    """The `skylb-extproc` subcommand that serves replica `name` with `opts.backend`."""
+    if opts.backend == "vllm":
+        from skylb_extproc.backends.vllm import replica_args as vllm_args
+
+        # Served under the profile's model name, so the same workloads run on both backends.
+        return vllm_args(
+            name=name,
+            served_model_name=model_of(opts.profile),
+            run_dir=run_dir / name,
+            max_num_seqs=opts.max_num_seqs,
+            block_size=opts.block_size,
+        )
+    if opts.backend != "sim":
+        raise ValueError(f"unknown backend {opts.backend!r}; known: {', '.join(BACKENDS)}")
+    args = ["sim-replica", "--host", "127.0.0.1", "--port", "0", "--name", name]
+    args += ["--profile", opts.profile, "--time-scale", str(opts.time_scale)]
+    for flag, value in (("--block-size", opts.block_size), ("--max-num-seqs", opts.max_num_seqs)):
+        if value is not None:
+            args += [flag, str(value)]
+    return args
+
+
 def launch_replicas(sup: Supervisor, opts: StackOptions, prefix: str = "") -> list[Child]:
     children = []
     for i in range(opts.replicas):
         name = f"{prefix}r{i}"
-        argv = python_cli(
-            "sim-replica",
-            *("--host", "127.0.0.1", "--port", "0", "--name", name),
-            *("--profile", opts.profile, "--time-scale", str(opts.time_scale)),
-            log_level=opts.log_level,
+        args = replica_args(opts, name, sup.log_dir / "replicas")
+        children.append(
+            sup.start(name, python_cli(*args, log_level=opts.log_level), env=child_env())
         )
-        children.append(sup.start(name, argv, env=child_env()))
     return children
 
 

@@ -50,7 +50,6 @@ DEFAULT_MAX_MODEL_LEN = 4096
 # 16 MiB of KV holds 1,024 blocks of 32 tokens for the tiny model: room for dozens of
 # conversations, small enough that three servers fit beside each other with ease.
 DEFAULT_KV_CACHE_BYTES = "16M"
-DEFAULT_MAX_NUM_SEQS = 256
 STARTUP_TIMEOUT_S = 180.0  # ~20 s alone; several importing torch at once on 2 cores take longer
 PORT_ATTEMPTS = 3
 
@@ -88,7 +87,7 @@ class VllmSettings:
     served_model_name: str
     block_size: int = DEFAULT_BLOCK_SIZE
     max_model_len: int = DEFAULT_MAX_MODEL_LEN
-    max_num_seqs: int = DEFAULT_MAX_NUM_SEQS
+    max_num_seqs: int | None = None  # None: vLLM's CPU default (128)
     kv_cache_memory_bytes: str = DEFAULT_KV_CACHE_BYTES
     extra_args: tuple[str, ...] = field(default_factory=tuple)
 
@@ -116,7 +115,7 @@ def server_argv(settings: VllmSettings, host: str, port: int) -> list[str]:
         "--enforce-eager",  # no graph capture / compilation: faster start on the CPU
         *("--distributed-executor-backend", "uni"),
         *("--kv-cache-memory-bytes", settings.kv_cache_memory_bytes),
-        *("--max-num-seqs", str(settings.max_num_seqs)),
+        *(("--max-num-seqs", str(settings.max_num_seqs)) if settings.max_num_seqs else ()),
         *("--middleware", POD_MIDDLEWARE),
         *("--disable-uvicorn-access-log",),
         *settings.extra_args,
@@ -212,7 +211,7 @@ def add_replica_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None, help="model folder (default: the tiny model)")
     parser.add_argument("--served-model-name", default="tiny-llama")
     parser.add_argument("--block-size", type=int, default=DEFAULT_BLOCK_SIZE)
-    parser.add_argument("--max-num-seqs", type=int, default=DEFAULT_MAX_NUM_SEQS)
+    parser.add_argument("--max-num-seqs", type=int, default=None, help="default: vLLM's (128)")
     parser.add_argument("--max-model-len", type=int, default=DEFAULT_MAX_MODEL_LEN)
     parser.add_argument("--kv-cache-memory-bytes", default=DEFAULT_KV_CACHE_BYTES)
     parser.add_argument("--startup-timeout", type=float, default=STARTUP_TIMEOUT_S)

