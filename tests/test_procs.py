@@ -55,7 +55,7 @@ def test_stop_all_kills_grandchildren_and_stubborn_children(tmp_path: Path) -> N
     grandchild = int(str(child.read_json_line(timeout_s=10)["grandchild"]))
     started = time.monotonic()
     sup.stop_all(grace_s=0.5)
-    assert time.monotonic() - started < 5
+    assert time.monotonic() - started < 20  # bounded: SIGKILL after the grace period
     assert not pid_alive(child.pid)
     deadline = time.monotonic() + 5
     while pid_alive(grandchild) and time.monotonic() < deadline:
