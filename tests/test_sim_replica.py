@@ -101,7 +101,12 @@ async def test_chat_non_streaming(base: str, http: aiohttp.ClientSession) -> Non
         "prompt_tokens": 6,
         "total_tokens": 11,
         "completion_tokens": 5,
-        "prompt_tokens_details": {"cached_tokens": 0},
+        "prompt_tokens_details": {
+            "cached_tokens": 0,
+            "created_cache_tokens": 0,
+            "multimodal_tokens": None,
+        },
+        "completion_tokens_details": None,
     }
 
 
@@ -141,7 +146,10 @@ async def test_chat_streaming_chunks_usage_and_done(base: str, http: aiohttp.Cli
     assert all("usage" not in c for c in [first, *content])
     assert usage["choices"] == []
     assert usage["usage"]["completion_tokens"] == 4
-    assert usage["usage"]["prompt_tokens_details"] == {"cached_tokens": 0}
+    assert usage["usage"]["prompt_tokens_details"] == {
+        "cached_tokens": 0,
+        "created_cache_tokens": 0,
+    }
 
 
 async def test_completion_streaming_without_usage(base: str, http: aiohttp.ClientSession) -> None:
@@ -150,7 +158,7 @@ async def test_completion_streaming_without_usage(base: str, http: aiohttp.Clien
         events = sse_events(await r.text())
     assert events[-1] == "[DONE]"
     chunks = [json.loads(e) for e in events[:-1]]
-    assert all(c["usage"] is None and c["object"] == "text_completion" for c in chunks)
+    assert all("usage" not in c and c["object"] == "text_completion" for c in chunks)
     assert "".join(c["choices"][0]["text"] for c in chunks) == filler_text(0, 3)
     assert chunks[-1]["choices"][0]["finish_reason"] == "length"
 
@@ -256,31 +264,116 @@ async def _read_all(http: aiohttp.ClientSession, url: str, payload: dict[str, An
 
 
 @pytest.mark.parametrize(
-    ("path", "body", "needle"),
+    ("path", "body", "kind", "param", "needle"),
     [
-        ("/v1/chat/completions", b"{not json", "Invalid JSON"),
-        ("/v1/chat/completions", b"[1, 2]", "JSON object"),
-        ("/v1/chat/completions", b'{"model": "m"}', "messages"),
-        ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": 3}]}', "content"),
-        ("/v1/completions", b'{"model": "m"}', "prompt"),
-        ("/v1/completions", b'{"prompt": "a", "max_tokens": "5"}', "max_tokens"),
-        ("/v1/completions", b'{"prompt": "a", "max_tokens": 0}', "at least 1"),
-        ("/v1/completions", b'{"prompt": "", "max_tokens": 1}', "empty"),
-        ("/v1/completions", b'{"prompt": "a", "stream_options": {}}', "stream=True"),
-        ("/v1/completions", json.dumps({"prompt": "a" * 600}).encode(), "context length"),
+        ("/v1/chat/completions", b"{not json", "Bad Request", "body.1", "json_invalid"),
+        ("/v1/chat/completions", b"[1, 2]", "Bad Request", "body", "valid dictionary"),
+        ("/v1/chat/completions", b"", "Bad Request", "body", "missing"),
+        ("/v1/chat/completions", b'{"model": "m"}', "Bad Request", "body.messages", "missing"),
+        (
+            "/v1/chat/completions",
+            b'{"messages": [{"role": "user", "content": 3}]}',
+            "Bad Request",
+            "body.messages",
+            "content",
+        ),
+        ("/v1/chat/completions", b'{"messages": []}', "BadRequestError", None, "empty"),
+        ("/v1/completions", b'{"model": "m"}', "BadRequestError", "prompt", "prompt"),
+        (
+            "/v1/completions",
+            b'{"prompt": "a", "max_tokens": "x"}',
+            "Bad Request",
+            "body.max_tokens",
+            "int_parsing",
+        ),
+        (
+            "/v1/completions",
+            b'{"prompt": "a", "max_tokens": 1.5}',
+            "Bad Request",
+            "body.max_tokens",
+            "int_from_float",
+        ),
+        (
+            "/v1/completions",
+            b'{"prompt": "a", "stream": "x"}',
+            "Bad Request",
+            "body.stream",
+            "bool",
+        ),
+        (
+            "/v1/completions",
+            b'{"prompt": "a", "max_tokens": 0}',
+            "BadRequestError",
+            "max_tokens",
+            "at least 1",
+        ),
+        (
+            "/v1/completions",
+            b'{"prompt": "a", "max_tokens": 999}',
+            "BadRequestError",
+            "max_tokens",
+            "max_model_len=128",
+        ),
+        (
+            "/v1/completions",
+            b'{"prompt": "", "max_tokens": 1}',
+            "BadRequestError",
+            "prompt",
+            "empty",
+        ),
+        (
+            "/v1/completions",
+            b'{"prompt": "a", "stream_options": {}}',
+            "BadRequestError",
+            "stream_options",
+            "stream=True",
+        ),
+        (
+            "/v1/completions",
+            json.dumps({"prompt": "a" * 600}).encode(),
+            "BadRequestError",
+            "input_tokens",
+            "context length",
+        ),
     ],
 )
 async def test_400_errors(
-    base: str, http: aiohttp.ClientSession, path: str, body: bytes, needle: str
+    base: str,
+    http: aiohttp.ClientSession,
+    path: str,
+    body: bytes,
+    kind: str,
+    param: str | None,
+    needle: str,
 ) -> None:
+    """vLLM 0.32's two kinds: pydantic's ("Bad Request", param = location) and its own."""
     headers = {"Content-Type": "application/json"}
     async with http.post(f"{base}{path}", data=body, headers=headers) as r:
         assert r.status == 400
         assert r.headers[POD_HEADER] == "sim-a"
         error = (await r.json())["error"]
     assert set(error) == {"message", "type", "param", "code"}
-    assert (error["type"], error["code"]) == ("BadRequestError", 400)
+    assert (error["type"], error["param"], error["code"]) == (kind, param, 400)
     assert needle in error["message"]
+
+
+async def test_prompt_plus_max_tokens_beyond_the_context_stops_there(
+    base: str, http: aiohttp.ClientSession
+) -> None:
+    """vLLM 0.32 serves it and stops at max_model_len (tiny: 128 tokens)."""
+    payload = {"prompt": "abcd" * 100, "max_tokens": 100}  # 100 prompt tokens
+    async with http.post(f"{base}/v1/completions", json=payload) as r:
+        assert r.status == 200
+        usage = (await r.json())["usage"]
+    assert (usage["prompt_tokens"], usage["completion_tokens"]) == (100, 28)
+
+
+async def test_not_json_content_type(base: str, http: aiohttp.ClientSession) -> None:
+    async with http.post(f"{base}/v1/completions", data=b'{"prompt": "a"}') as r:
+        assert r.status == 400
+        error = (await r.json())["error"]
+    assert (error["type"], error["param"]) == ("Bad Request", None)
+    assert "Only 'application/json'" in error["message"]
 
 
 async def test_unknown_model_with_a_served_name(http: aiohttp.ClientSession) -> None:

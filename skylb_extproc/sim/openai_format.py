@@ -1,16 +1,23 @@
 """vLLM's OpenAI-server wire format for the simulated replica: request reading, bodies, chunks.
 
-Shapes follow vLLM's pydantic models as it serialises them (compact JSON):
+Shapes are those of vLLM 0.32 (checked against the real server by tests/contract, which runs the
+same assertions on both and compares their shapes key by key):
 - non-streaming bodies are `model_dump()`: every field, nulls included;
-- chat chunks are `model_dump_json(exclude_unset=True)`: the first carries
-  `delta: {"role": "assistant", "content": ""}`, later ones `delta: {"content": ...}`, and the last
-  one adds `finish_reason` and `stop_reason`; completion chunks use `exclude_unset=False` (so
-  `"usage": null` appears in each);
-- the usage chunk (`stream_options.include_usage`) has `choices: []`, then comes `data: [DONE]`.
-- errors: `{"error": {"message", "type", "param", "code"}}` with `code` = the HTTP status.
-
-`usage.prompt_tokens_details.cached_tokens` is always present here; real vLLM adds it only with
-`--enable-prompt-tokens-details` and only when it is non-zero.
+- chat chunks: the first carries `delta: {"role": "assistant", "content": ""}` (and
+  `prompt_token_ids` / `prompt_text`, null), later ones `delta: {"content": ...}` with
+  `token_ids: null`, the last one adds `finish_reason` and `stop_reason`; completion chunks carry
+  `stop_reason`, `prompt_token_ids` and `token_ids` in every choice; no chunk has a `usage` key
+  except the usage chunk (`stream_options.include_usage`: `choices: []`), and the chunk that ends
+  the stream (the usage chunk, else the last one) carries `system_fingerprint`; then
+  `data: [DONE]`;
+- `usage.prompt_tokens_details` always holds `cached_tokens` (with `--enable-prompt-tokens-details`,
+  which our vLLM replicas set); chat responses add `created_cache_tokens` (full prompt blocks this
+  request wrote to the cache);
+- errors: `{"error": {"message", "type", "param", "code"}}` with `code` = the HTTP status; request
+  validation (pydantic) answers type "Bad Request" with `param` = the field's location
+  (`body.max_tokens`), vLLM's own checks answer "BadRequestError" with the parameter's name and
+  end their message with `(parameter=..., value=...)`;
+- a prompt plus max_tokens longer than max_model_len is not an error: generation stops there.
 """
 
 from __future__ import annotations
@@ -48,8 +55,30 @@ class ApiError(Exception):
         return dumps({"error": {**error, "code": self.status}})
 
 
-def bad_request(message: str, param: str | None = None) -> ApiError:
+SYSTEM_FINGERPRINT = "vllm-0.32.0-sim"
+
+
+def bad_request(message: str, param: str | None = None, value: object = None) -> ApiError:
+    """vLLM's own checks: the message ends with `(parameter=..., value=...)` when it has one."""
+    if param is not None:
+        extra = f", value={value}" if value is not None else ""
+        message = f"{message} (parameter={param}{extra})"
     return ApiError(400, message, "BadRequestError", param)
+
+
+def validation_error(kind: str, loc: str, msg: str, value: object) -> ApiError:
+    """The request failed vLLM's pydantic model: type "Bad Request", param = the location."""
+    detail = {"type": kind, "loc": loc, "msg": msg, "input": _describe(value)}
+    return ApiError(400, f"1 validation error:\n  {detail}", "Bad Request", loc)
+
+
+def _describe(value: object) -> str:
+    # pydantic's error rendering as vLLM passes it on: containers by size, scalars as text
+    if isinstance(value, dict):
+        return f"<dict of {len(value)} items>"
+    if isinstance(value, list):
+        return f"<list of {len(value)} items>"
+    return str(value)
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,47 +106,117 @@ def filler_text(start: int, count: int) -> str:
     return (_FILLER * reps)[begin : begin + 4 * count]
 
 
-def parse_request(kind: str, raw: bytes, *, served_model: str, strict_model: bool) -> SimRequest:
-    """Read and validate a body; raises ApiError (400, or 404 for an unknown model when strict)."""
-    try:
-        data = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise bad_request(f"Invalid JSON body: {exc}") from None
-    if not isinstance(data, dict):
-        raise bad_request("Request body must be a JSON object.")
+def parse_request(
+    kind: str, raw: bytes, *, served_model: str, strict_model: bool, max_model_len: int
+) -> SimRequest:
+    """Read and validate a body as vLLM does; raises ApiError (400, or 404 for an unknown model
+    when strict). Checks run in vLLM's order: the request model's fields, then its own rules."""
+    data = _json_object(raw)
     model = _model(data, served_model, strict_model)
-    prompt = _chat_prompt(data) if kind == CHAT else _completion_prompt(data)
-    stream = _optional(data, "stream", bool, False)
-    options = _optional(data, "stream_options", dict, None)
+    stream = _bool(data, "stream", False)
+    max_tokens = _max_tokens(data, kind)
+    if kind == CHAT:
+        messages = _messages(data)
+    options = data.get("stream_options")
     if options is not None and not stream:
-        raise bad_request("Stream options can only be defined when `stream=True`.", "stream")
-    if _optional(data, "n", int, 1) != 1:
+        raise bad_request(
+            "Stream options can only be defined when `stream=True`.", "stream_options"
+        )
+    if _lax_int(data, "n", 1) != 1:
         raise bad_request("The simulated replica supports only n=1.", "n")
-    _optional(data, "ignore_eos", bool, False)  # accepted; the simulator never stops early
+    _bool(data, "ignore_eos", False)  # accepted; the simulator never stops early
+    if max_tokens < 1:
+        raise bad_request(
+            f"max_tokens must be at least 1, got {max_tokens}.", "max_tokens", max_tokens
+        )
+    if max_tokens > max_model_len:
+        raise bad_request(
+            f"max_tokens={max_tokens} cannot be greater than max_model_len={max_model_len}. "
+            "Please request fewer output tokens.",
+            "max_tokens",
+            max_tokens,
+        )
+    prompt = _chat_prompt(messages) if kind == CHAT else _completion_prompt(data)
     return SimRequest(
         kind=kind,
         model=model,
         prompt=prompt,
-        max_tokens=_max_tokens(data, kind),
+        max_tokens=max_tokens,
         stream=stream,
-        include_usage=bool(options and options.get("include_usage")),
+        include_usage=bool(isinstance(options, dict) and options.get("include_usage")),
     )
 
 
-def _optional(data: dict[str, Any], key: str, kind: type, default: Any) -> Any:
+def check_prompt_length(tokens: int, max_model_len: int) -> None:
+    """vLLM's rule on the tokenized prompt (it counts at most max_model_len + 1 tokens)."""
+    if tokens > max_model_len:
+        counted = max_model_len + 1
+        raise bad_request(
+            f"This model's maximum context length is {max_model_len} tokens. However, your "
+            f"prompt contains at least {counted} input tokens, which exceeds this limit even "
+            "without any output tokens. Please reduce the length of the input prompt.",
+            "input_tokens",
+            counted,
+        )
+
+
+def _json_object(raw: bytes) -> dict[str, Any]:
+    if not raw.strip():
+        raise validation_error("missing", "body", "Field required", None)
+    try:
+        data = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        loc = f"body.{exc.pos}"
+        raise validation_error("json_invalid", loc, "JSON decode error", {}) from None
+    except UnicodeDecodeError:
+        raise validation_error("json_invalid", "body", "JSON decode error", {}) from None
+    if not isinstance(data, dict):
+        msg = "Input should be a valid dictionary or object to extract fields from"
+        raise validation_error("model_attributes_type", "body", msg, data)
+    return data
+
+
+def _bool(data: dict[str, Any], key: str, default: bool) -> bool:
     value = data.get(key)
     if value is None:
         return default
-    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        raise bad_request(f"'{key}' must be of type {kind.__name__}.", key)
+    if not isinstance(value, bool):
+        msg = "Input should be a valid boolean, unable to interpret input"
+        raise validation_error("bool_parsing", f"body.{key}", msg, value)
+    return value
+
+
+def _lax_int(data: dict[str, Any], key: str, default: int) -> int:
+    """pydantic's lax integers: 5, 5.0 and "5" are 5; 1.5, "x" and true are errors."""
+    value = data.get(key)
+    if value is None:
+        return default
+    loc = f"body.{key}"
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise validation_error("int_type", loc, "Input should be a valid integer", value)
+    if isinstance(value, float):
+        if not value.is_integer():
+            msg = "Input should be a valid integer, got a number with a fractional part"
+            raise validation_error("int_from_float", loc, msg, value)
+        return int(value)
+    if isinstance(value, str):
+        try:
+            return int(value.strip())
+        except ValueError:
+            msg = "Input should be a valid integer, unable to parse string as an integer"
+            raise validation_error("int_parsing", loc, msg, value) from None
     return value
 
 
 def _model(data: dict[str, Any], served_model: str, strict: bool) -> str:
-    model = _optional(data, "model", str, served_model)
-    assert isinstance(model, str)
+    model = data.get("model")
+    if model is None:
+        return served_model
+    if not isinstance(model, str):
+        raise validation_error("string_type", "body.model", "Input should be a valid string", model)
     if strict and model != served_model:
-        raise ApiError(404, f"The model `{model}` does not exist.", "NotFoundError", "model")
+        message = f"The model `{model}` does not exist. Valid aliases: {served_model}."
+        raise ApiError(404, message, "NotFoundError", "model")
     return model
 
 
@@ -125,33 +224,51 @@ def _max_tokens(data: dict[str, Any], kind: str) -> int:
     value = DEFAULT_MAX_TOKENS[kind]
     fields = ("max_tokens", "max_completion_tokens") if kind == CHAT else ("max_tokens",)
     for key in fields:  # the newer max_completion_tokens wins, as in vLLM
-        value = _optional(data, key, int, value)
-    return int(value)
+        value = _lax_int(data, key, value)
+    return value
 
 
-def _chat_prompt(data: dict[str, Any]) -> str:
+def _messages(data: dict[str, Any]) -> list[Any]:
     messages = data.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise bad_request("'messages' must be a non-empty array.", "messages")
+    if messages is None:
+        raise validation_error("missing", "body.messages", "Field required", data)
+    if not isinstance(messages, list):
+        raise validation_error(
+            "list_type", "body.messages", "Input should be a valid list", messages
+        )
+    if not messages:
+        raise bad_request(
+            "Cannot apply chat template to an empty conversation. Provide at least one message."
+        )
+    return messages
+
+
+def _chat_prompt(messages: list[Any]) -> str:
     try:
         return prompt_text_for_chat(messages) + GENERATION_PROMPT
     except BadRequest as exc:
-        raise bad_request(exc.message, "messages") from None
+        # vLLM's message union reports every variant; the location is what clients act on.
+        raise validation_error("missing", "body.messages", exc.message, messages) from None
 
 
 def _completion_prompt(data: dict[str, Any]) -> str:
     """One prompt: a string, or a single-element batch, or token ids (rendered as text)."""
     prompt = data.get("prompt")
+    if prompt is None or prompt in ("", []):
+        raise bad_request(
+            "Either prompt or prompt_embeds must be provided and non-empty.", "prompt"
+        )
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str | list):
         prompt = prompt[0]
     if isinstance(prompt, str):
         return prompt
     if isinstance(prompt, list) and prompt and all(_is_token(t) for t in prompt):
         return " ".join(map(str, prompt))
-    raise bad_request(
-        "'prompt' must be a string or token ids (one prompt per request in the simulator).",
-        "prompt",
-    )
+    if not isinstance(prompt, list):
+        raise validation_error(
+            "string_type", "body.prompt", "Input should be a valid string", prompt
+        )
+    raise bad_request("The simulated replica serves one prompt per request.", "prompt")
 
 
 def _is_token(value: object) -> bool:
@@ -161,33 +278,64 @@ def _is_token(value: object) -> bool:
 # --- response bodies ----------------------------------------------------------------------
 
 
-def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dict[str, object]:
-    return {
-        "prompt_tokens": prompt_tokens,
-        "total_tokens": prompt_tokens + completion_tokens,
-        "completion_tokens": completion_tokens,
-        "prompt_tokens_details": {"cached_tokens": cached_tokens},
+@dataclass(frozen=True, slots=True)
+class Usage:
+    """Token counts of one finished request."""
+
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int
+    created_cache_tokens: int  # full prompt blocks this request computed and cached
+
+
+def usage_body(req: SimRequest, u: Usage, *, chunk: bool) -> dict[str, object]:
+    """`usage` as vLLM 0.32 serialises it: the details differ by endpoint and by streaming."""
+    details: dict[str, object] = {"cached_tokens": u.cached_tokens}
+    if req.kind == CHAT:
+        details["created_cache_tokens"] = u.created_cache_tokens
+    elif not chunk:
+        details["created_cache_tokens"] = None
+    if not chunk:
+        details["multimodal_tokens"] = None
+    body: dict[str, object] = {
+        "prompt_tokens": u.prompt_tokens,
+        "total_tokens": u.prompt_tokens + u.completion_tokens,
+        "completion_tokens": u.completion_tokens,
+        "prompt_tokens_details": details,
     }
+    if not chunk:
+        body["completion_tokens_details"] = None
+    return body
 
 
-def full_body(
-    req: SimRequest, rid: str, created: int, text: str, usage_: dict[str, object]
-) -> bytes:
+def full_body(req: SimRequest, rid: str, created: int, text: str, u: Usage) -> bytes:
     """The non-streaming response; finish_reason is always "length" (no EOS is simulated)."""
     head = {"id": rid, "object": _object(req, chunk=False), "created": created, "model": req.model}
+    tail = {"kv_transfer_params": None, "ec_transfer_params": None, "metrics": None}
     if req.kind == CHAT:
-        message: dict[str, object] = {
-            "role": "assistant",
-            "content": text,
-            "reasoning_content": None,
-            "tool_calls": [],
-        }
+        message: dict[str, object] = {"role": "assistant", "content": text}
+        message.update(refusal=None, annotations=None, audio=None, function_call=None)
+        message["reasoning"] = None
         choice: dict[str, object] = {"index": 0, "message": message, "logprobs": None}
-        choice.update(finish_reason="length", stop_reason=None)
-        return dumps({**head, "choices": [choice], "usage": usage_, "prompt_logprobs": None})
-    choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": "length"}
-    choice.update(stop_reason=None, prompt_logprobs=None)
-    return dumps({**head, "choices": [choice], "usage": usage_})
+        choice.update(finish_reason="length", stop_reason=None, token_ids=None)
+        choice["routed_experts"] = None
+        prompt_info = {"prompt_logprobs": None, "prompt_token_ids": None, "prompt_text": None}
+    else:
+        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": "length"}
+        choice.update(stop_reason=None, token_ids=None, prompt_logprobs=None)
+        choice.update(prompt_token_ids=None, routed_experts=None)
+        prompt_info = {}
+    return dumps(
+        {
+            **head,
+            "choices": [choice],
+            "service_tier": None,
+            "system_fingerprint": SYSTEM_FINGERPRINT,
+            "usage": usage_body(req, u, chunk=False),
+            **prompt_info,
+            **tail,
+        }
+    )
 
 
 def stream_chunks(
@@ -195,29 +343,32 @@ def stream_chunks(
 ) -> list[bytes]:
     """SSE events for new output text; a chat stream opens with the role chunk."""
     head = {"id": rid, "object": _object(req, chunk=True), "created": created, "model": req.model}
+    # The chunk that ends the stream names the engine, unless a usage chunk follows.
+    ending = {"system_fingerprint": SYSTEM_FINGERPRINT} if last and not req.include_usage else {}
     events: list[bytes] = []
+    finish: dict[str, object] = (
+        {"finish_reason": "length", "stop_reason": None} if last else {"finish_reason": None}
+    )
     if req.kind == CHAT:
         if first:
             delta: dict[str, object] = {"role": "assistant", "content": ""}
             opening = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": None}
-            events.append(_sse({**head, "choices": [opening]}))
+            prompt_info = {"prompt_token_ids": None, "prompt_text": None}
+            events.append(_sse({**head, "choices": [opening], **prompt_info}))
         choice: dict[str, object] = {"index": 0, "delta": {"content": text}, "logprobs": None}
-        if last:
-            choice.update(finish_reason="length", stop_reason=None)
-        else:
-            choice["finish_reason"] = None
-        events.append(_sse({**head, "choices": [choice]}))
+        choice.update(finish, token_ids=None)
+        events.append(_sse({**head, "choices": [choice], **ending}))
         return events
-    finish = "length" if last else None
-    choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
-    choice["stop_reason"] = None
-    events.append(_sse({**head, "choices": [choice], "usage": None}))
+    choice = {"index": 0, "text": text, "logprobs": None, **finish}
+    choice.update(stop_reason=None, prompt_token_ids=None, token_ids=None)
+    events.append(_sse({**head, "choices": [choice], **ending}))
     return events
 
 
-def usage_chunk(req: SimRequest, rid: str, created: int, usage_: dict[str, object]) -> bytes:
+def usage_chunk(req: SimRequest, rid: str, created: int, u: Usage) -> bytes:
     head = {"id": rid, "object": _object(req, chunk=True), "created": created, "model": req.model}
-    return _sse({**head, "choices": [], "usage": usage_})
+    usage = usage_body(req, u, chunk=True)
+    return _sse({**head, "choices": [], "usage": usage, "system_fingerprint": SYSTEM_FINGERPRINT})
 
 
 DONE = b"data: [DONE]\n\n"

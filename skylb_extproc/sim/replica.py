@@ -28,15 +28,15 @@ import signal
 import sys
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable
+from dataclasses import replace
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
-from prometheus_client.registry import Collector
 
 from skylb_extproc.sim import openai_format as fmt
+from skylb_extproc.sim.kvcache import estimate_tokens
 from skylb_extproc.sim.model import (
     EngineMetrics,
     Finished,
@@ -46,6 +46,7 @@ from skylb_extproc.sim.model import (
     Tokens,
 )
 from skylb_extproc.sim.profiles import PROFILES, Profile, override
+from skylb_extproc.sim.vllm_metrics import VllmCollector
 
 POD_HEADER = "x-inference-pod"
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -77,7 +78,7 @@ class SimReplica:
         self._wake = asyncio.Event()
         self._seq = 0
         self.registry = CollectorRegistry()
-        self.registry.register(_VllmCollector(self))
+        self.registry.register(VllmCollector(self))
 
     def now(self) -> float:
         """Engine (virtual) time."""
@@ -150,8 +151,25 @@ class SimReplica:
         return await self._generate(request, fmt.CHAT, "chatcmpl-")
 
     async def _generate(self, request: web.Request, kind: str, prefix: str) -> web.StreamResponse:
+        if request.content_type != "application/json":
+            raise fmt.ApiError(
+                400,
+                "1 validation error:\n  Unsupported Media Type: Only 'application/json' is allowed",
+                "Bad Request",
+            )
         raw = await request.read()
-        req = fmt.parse_request(kind, raw, served_model=self.model, strict_model=self._strict_model)
+        limit = self.profile.max_model_len
+        req = fmt.parse_request(
+            kind,
+            raw,
+            served_model=self.model,
+            strict_model=self._strict_model,
+            max_model_len=limit,
+        )
+        tokens = estimate_tokens(req.prompt)
+        fmt.check_prompt_length(tokens, limit)
+        # vLLM stops at max_model_len instead of refusing a too-large max_tokens.
+        req = replace(req, max_tokens=min(req.max_tokens, limit - tokens))
         try:
             self.engine.validate(req.prompt, req.max_tokens)
         except ValueError as exc:
@@ -171,7 +189,7 @@ class SimReplica:
     ) -> web.Response:
         while not isinstance(event := await queue.get(), Finished):
             pass
-        usage = fmt.usage(event.prompt_tokens, event.completion_tokens, event.cached_tokens)
+        usage = self._usage(event)
         text = fmt.filler_text(0, event.completion_tokens)
         body = fmt.full_body(req, response_id, created, text, usage)
         return web.Response(body=body, content_type="application/json")
@@ -203,13 +221,18 @@ class SimReplica:
             sent += new
             if end is not None:
                 if req.include_usage:
-                    usage = fmt.usage(end.prompt_tokens, end.completion_tokens, end.cached_tokens)
+                    usage = self._usage(end)
                     out.append(fmt.usage_chunk(req, response_id, created, usage))
                 out.append(fmt.DONE)
             await response.write(b"".join(out))
             if end is not None:
                 await response.write_eof()
                 return response
+
+    def _usage(self, end: Finished) -> fmt.Usage:
+        full = end.prompt_tokens // self.profile.block_size * self.profile.block_size
+        created = max(0, full - end.cached_tokens)
+        return fmt.Usage(end.prompt_tokens, end.completion_tokens, end.cached_tokens, created)
 
     async def _models(self, _request: web.Request) -> web.Response:
         card = {"id": self.model, "object": "model", "created": int(time.time())}
@@ -243,79 +266,11 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         if exc.status < 400:
             raise
         body = fmt.dumps({"detail": exc.reason})
-        return web.Response(status=exc.status, body=body, content_type="application/json")
-
-
-# vLLM V1's metric help texts (vllm/v1/metrics/loggers.py).
-_RUNNING_DOC = "Number of requests in model execution batches."
-_WAITING_DOC = "Number of requests waiting to be processed."
-_KV_DOC = "KV-cache usage. 1 means 100 percent usage."
-_QUERIES_DOC = "Prefix cache queries, in terms of number of queried tokens."
-_HITS_DOC = "Prefix cache hits, in terms of number of cached tokens."
-_PREEMPT_DOC = "Cumulative number of preemption from the engine."
-_PROMPT_DOC = "Number of prefill tokens processed."
-_GENERATION_DOC = "Number of generation tokens processed."
-
-
-class _VllmCollector(Collector):
-    """Reads the engine at scrape time and renders vLLM V1's metric families."""
-
-    def __init__(self, replica: SimReplica) -> None:
-        self._replica = replica
-
-    def collect(self) -> Iterable[Metric]:
-        m = self._replica.metrics()
-        labels = {"model_name": self._replica.model, "engine": "0"}
-        gauges = (
-            ("vllm:num_requests_running", _RUNNING_DOC, m.running),
-            ("vllm:num_requests_waiting", _WAITING_DOC, m.waiting),
-            ("vllm:kv_cache_usage_perc", _KV_DOC, m.kv_usage),
+        # 405 names the allowed methods, as Starlette does
+        headers = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
+        return web.Response(
+            status=exc.status, body=body, content_type="application/json", headers=headers
         )
-        for name, doc, value in gauges:
-            yield _gauge(name, doc, labels, value)
-        counters = (
-            ("vllm:prefix_cache_queries", _QUERIES_DOC, m.prefix_cache_queries),
-            ("vllm:prefix_cache_hits", _HITS_DOC, m.prefix_cache_hits),
-            ("vllm:num_preemptions", _PREEMPT_DOC, m.num_preemptions),
-            ("vllm:prompt_tokens", _PROMPT_DOC, m.prompt_tokens_total),
-            ("vllm:generation_tokens", _GENERATION_DOC, m.generation_tokens_total),
-        )
-        for name, doc, value in counters:
-            family = CounterMetricFamily(name, doc, labels=list(labels))
-            family.add_metric(list(labels.values()), value)
-            yield family
-        yield self._success(m, labels)
-        yield self._cache_config(m)
-
-    def _success(self, m: EngineMetrics, labels: dict[str, str]) -> Metric:
-        success = CounterMetricFamily(
-            "vllm:request_success",
-            "Count of successfully processed requests.",
-            labels=[*labels, "finished_reason"],
-        )
-        reasons = (("stop", 0), ("length", m.finished_length), ("abort", m.finished_abort))
-        for reason, count in reasons:
-            success.add_metric([*labels.values(), reason], count)
-        return success
-
-    def _cache_config(self, m: EngineMetrics) -> Metric:
-        # vLLM renders CacheConfig's fields as labels (plus engine) of a gauge set to 1.
-        info = {
-            "block_size": str(m.block_size),
-            "cache_dtype": "auto",
-            "enable_prefix_caching": "True",
-            "gpu_memory_utilization": "0.9",
-            "num_cpu_blocks": "None",
-            "num_gpu_blocks": str(m.num_gpu_blocks),
-            "engine": "0",
-        }
-        return _gauge("vllm:cache_config_info", "Information of the LLMEngine CacheConfig", info, 1)
-
-
-def _gauge(name: str, doc: str, labels: dict[str, str], value: float) -> GaugeMetricFamily:
-    family = GaugeMetricFamily(name, doc, labels=list(labels))
-    family.add_metric(list(labels.values()), value)
-    return family
 
 
 async def serve_replica(
