@@ -261,6 +261,19 @@ def start_region(sup: Supervisor, workdir: Path, opts: StackOptions) -> RegionSt
     workdir.mkdir(parents=True, exist_ok=True)
     replicas = start_replicas(sup, opts)
     pids = {c.name: c.pid for c in sup.children}
+    return start_region_over(sup, workdir, opts, replicas, {r.name: pids[r.name] for r in replicas})
+
+
+def start_region_over(
+    sup: Supervisor,
+    workdir: Path,
+    opts: StackOptions,
+    replicas: list[ReplicaSpec],
+    replica_pids: dict[str, int],
+) -> RegionStack:
+    """skylb and Envoy in front of replicas that already serve (real vLLM replicas take ~20 s
+    to start: tests start them once and put several stacks in front of them in turn)."""
+    workdir.mkdir(parents=True, exist_ok=True)
     skylb_pid, grpc, admin = start_skylb(sup, opts, replicas, workdir)
     envoy, settings, path = start_envoy(
         sup, opts, one_region_settings(opts, replicas, grpc), workdir
@@ -271,7 +284,7 @@ def start_region(sup: Supervisor, workdir: Path, opts: StackOptions) -> RegionSt
         admin=admin,
         envoy_admin=f"http://127.0.0.1:{settings.admin_port}",
         replicas=replicas,
-        replica_pids={r.name: pids[r.name] for r in replicas},
+        replica_pids=replica_pids,
         skylb_pid=skylb_pid,
         envoy_pid=envoy.pid,
         workdir=workdir,
