@@ -211,6 +211,8 @@ class Router:
         """Decide queue heads until one must wait (FIFO) or the queue is empty."""
         out: list[Dispatch] = []
         while (entry := self._queue.head()) is not None:
+            if self._policy.waits and not any(v.available for v in self._load.views(now)):
+                break  # a waiting policy can only Wait: skip the prefix match (the costly part)
             snapshot = self._snapshot(entry, now)
             decision = self._policy.decide(entry.request, snapshot, self._rng)
             if isinstance(decision, Wait):
