@@ -20,7 +20,7 @@ import json
 import random
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -202,9 +202,16 @@ async def play_conversations(
     concurrency: int = 8,
     timeout_s: float = 120.0,
     model: str = DEFAULT_MODEL,
+    extra: Mapping[str, object] | None = None,
+    replay_answers: bool = True,
 ) -> list[TurnResult]:
     """Play every conversation (turns in order, conversations side by side, at most
-    `concurrency` requests in flight); a failed turn continues with a synthetic answer."""
+    `concurrency` requests in flight); a failed turn continues with a synthetic answer.
+
+    `extra` is merged into every body (e.g. `{"ignore_eos": True}`: a real model with random
+    weights may otherwise stop before max_tokens, the simulator never does).
+    `replay_answers=False` sends `synthetic_answer` back instead of what the server said, so
+    every backend sees the same prompts (no answer text is then in any prefix cache)."""
     import aiohttp
 
     gate = asyncio.Semaphore(concurrency)
@@ -216,11 +223,12 @@ async def play_conversations(
             answers: list[str] = []
             results = []
             for turn in range(len(conv.turns)):
-                body = conv.request_body(turn, answers, model=model)
+                body = {**conv.request_body(turn, answers, model=model), **(extra or {})}
                 async with gate:
                     result = await send_chat(session, base_url, body, conv.conversation_id, turn)
                 results.append(result)
-                answers.append(result.answer if result.ok else synthetic_answer(conv, turn))
+                replay = result.ok and replay_answers
+                answers.append(result.answer if replay else synthetic_answer(conv, turn))
             return results
 
         played = await asyncio.gather(*(play(c) for c in conversations))

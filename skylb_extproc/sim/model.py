@@ -18,8 +18,10 @@ Scheduling, as vLLM V1's `vllm/v1/core/sched/scheduler.py` does it (research not
   blocks the queue (FCFS).
 - Everything scheduled runs as one forward pass. When a request has computed all its known tokens
   it samples one: the first is its FirstToken; it finishes after `max_tokens` (no EOS model).
-- Decode blocks are allocated one block at a time as sequences grow. Only prompt blocks are
-  hashed and cached (vLLM also caches full blocks of generated tokens; our outputs are filler).
+- Decode blocks are allocated one block at a time as sequences grow. Prompt blocks are hashed
+  and cached; full blocks of generated tokens too when the engine knows the output text
+  (`output_text`, as the online replica does: its answers are deterministic filler), as vLLM
+  caches them, so the next turn of a conversation, which resends the answer, hits them.
 
 Cost: per step, work proportional to the scheduled batch. Tokens of one request produced by
 several steps inside one `advance` call are reported as one `Tokens` event.
@@ -28,7 +30,8 @@ several steps inside one `advance` call are reported as one `Tokens` event.
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 
 from skylb_extproc.sim.kvcache import BlockPool, block_hashes, estimate_tokens
 from skylb_extproc.sim.profiles import Profile
@@ -97,6 +100,7 @@ class _Request:
     preemptions: int = 0
     cached_blocks: int = 0  # leading blocks of `blocks` registered in the prefix cache
     done: bool = False
+    considered: bool = False  # a step was planned while it waited (vLLM: it reached the scheduler)
     blocks: list[int] = field(default_factory=list)
 
     @property
@@ -124,9 +128,13 @@ class _Counters:
 class ReplicaEngine:
     """vLLM V1 continuous batching for one replica; see the module docstring for the algorithm."""
 
-    def __init__(self, profile: Profile, name: str) -> None:
+    def __init__(
+        self, profile: Profile, name: str, output_text: Callable[[int, int], str] | None = None
+    ) -> None:
+        """output_text(start, count): the text of output tokens [start, start + count)."""
         self.profile = profile
         self.name = name
+        self._output_text = output_text
         self._bs = profile.block_size
         self._pool = BlockPool(profile.num_gpu_blocks)
         self._waiting: deque[_Request] = deque()
@@ -138,6 +146,7 @@ class ReplicaEngine:
         self._events: list[SimEvent] = []
         self._pending_tokens: dict[str, list[float]] = {}  # rid -> [count, t of last]
         self._c = _Counters()
+        self._reported = (0, 0, 0.0)  # waiting, running, kv usage as vLLM last published them
 
     # --- public API -----------------------------------------------------------------------
 
@@ -170,7 +179,9 @@ class ReplicaEngine:
         self._run(now, include_start=False)
         if self._step is None and not self._has_work():
             self._free_at = now
-        req = _Request(request_id, tokens, max_tokens, block_hashes(prompt, self._bs))
+        # The answer's text is known up front: hash its blocks now, cache them as they fill.
+        text = prompt + self._output_text(0, max_tokens) if self._output_text else prompt
+        req = _Request(request_id, tokens, max_tokens, block_hashes(text, self._bs))
         self._requests[request_id] = req
         self._waiting.append(req)
 
@@ -202,6 +213,16 @@ class ReplicaEngine:
         self._pool.free(req.blocks)
         req.blocks = []
         self._c.finished_abort += 1
+        self._snapshot()  # vLLM publishes its counts when it processes an abort too
+
+    def reported_metrics(self) -> EngineMetrics:
+        """metrics() as vLLM's /metrics shows them: waiting, running and KV usage as of the end
+        of the last step. vLLM publishes its scheduler's counts with each step's output, and a
+        request that arrives during a step reaches the scheduler only after it, so its gauges
+        never count as waiting a request that the next step admits at once (a live snapshot
+        would: a balancer reading it would think a half-empty batch full)."""
+        waiting, running, usage = self._reported
+        return replace(self.metrics(), waiting=waiting, running=running, kv_usage=usage)
 
     def metrics(self) -> EngineMetrics:
         c = self._c
@@ -248,6 +269,8 @@ class ReplicaEngine:
     # --- planning a step --------------------------------------------------------------------
 
     def _begin_step(self, start: float) -> None:
+        for req in self._waiting:
+            req.considered = True
         budget = self.profile.max_num_batched_tokens
         items: list[tuple[_Request, int]] = []
         preempted = False
@@ -363,6 +386,11 @@ class ReplicaEngine:
             self._running = [r for r in self._running if not r.done]
         self._step = None
         self._free_at = t
+        self._snapshot()
+
+    def _snapshot(self) -> None:
+        waiting = sum(1 for r in self._waiting if r.considered)
+        self._reported = (waiting, len(self._running), self._pool.usage())
 
     def _on_token(self, req: _Request, t: float) -> None:
         if req.num_output == 1:

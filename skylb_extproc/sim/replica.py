@@ -68,7 +68,7 @@ class SimReplica:
             raise ValueError("time_scale must be > 0")
         self.name = name
         self.profile = profile
-        self.engine = ReplicaEngine(profile, name)
+        self.engine = ReplicaEngine(profile, name, output_text=fmt.filler_text)
         self.model = served_model_name or profile.model
         self._strict_model = served_model_name is not None
         self._headers_on_accept = headers_on_accept
@@ -127,7 +127,7 @@ class SimReplica:
     def metrics(self) -> EngineMetrics:
         self._pump()
         self._wake.set()
-        return self.engine.metrics()
+        return self.engine.reported_metrics()
 
     # --- HTTP -----------------------------------------------------------------------------
 
