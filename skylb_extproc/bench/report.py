@@ -135,6 +135,10 @@ NOTES = """## Notes
   between regions, none inside one), balancer queueing and replica queueing.
 - **Cross-region** = share of completed requests served by a replica outside the client's home
   region (single-balancer baselines serve remote clients from wherever their replica is).
+- Where an ordering does not hold, the diagnostics table shows the usual causes: selective
+  pushing sends a turn to whichever replica is *available*, not the one holding its prefix
+  (a lower router-estimated match), and spilled requests land where their prefix is not.
+  docs/benchmarks.md discusses them on the shared traces.
 - Simulation, not a GPU measurement: replica speed comes from the calibration profile
   (docs/benchmarks.md cites its sources). Per-request records are in `records/*.jsonl`.
 """
