@@ -9,6 +9,10 @@ pass by skipping the backend it was asked to test.
 from __future__ import annotations
 
 import os
+
+# Tests fork children (procs.Supervisor) from a process that has grpc's threads running; grpc's
+# fork handlers then made a child abort (epoll_wait: bad file descriptor) before its exec.
+os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
