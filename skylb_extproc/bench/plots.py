@@ -1,7 +1,8 @@
 """PNG plots of a benchmark: TTFT CDF, throughput over time, per-region load and spills.
 
-matplotlib is optional (it is not a dependency of the balancer): without it the report is
-written without plots and says so. It is imported lazily, with the non-interactive Agg backend.
+matplotlib is imported lazily (the balancer never needs it), with the non-interactive Agg
+backend. It is a dependency; should it still be missing, the report is written without plots and
+says so.
 """
 
 from __future__ import annotations
