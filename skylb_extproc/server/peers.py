@@ -10,8 +10,6 @@ summary: no spill to it until one arrives.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 from collections.abc import Callable, Sequence
 
@@ -20,6 +18,7 @@ import aiohttp
 from skylb_extproc.region.config import PeerConfig
 from skylb_extproc.region.marker import AUTH_HEADER, state_auth
 from skylb_extproc.region.peers import PeerSummary, summary_from_json
+from skylb_extproc.server.polling import Poll, PollingLoops
 
 log = logging.getLogger(__name__)
 
@@ -43,37 +42,22 @@ class PeerPoller:
     ) -> None:
         self._peers = tuple(peers)
         self._secret = secret
-        self._interval_s = interval_s
-        self._timeout = aiohttp.ClientTimeout(total=timeout_s)
+        self._loops = PollingLoops(interval_s=interval_s, timeout_s=timeout_s, clock=clock)
         self._sink = sink
         self._clock = clock
         self._wall_clock = wall_clock
-        self._session: aiohttp.ClientSession | None = None
-        self._tasks: list[asyncio.Task[None]] = []
 
     async def start(self) -> None:
-        self._session = aiohttp.ClientSession(timeout=self._timeout)
-        self._tasks = [
-            asyncio.create_task(self._loop(peer), name=f"peer-{peer.name}") for peer in self._peers
-        ]
+        await self._loops.start([(f"peer-{p.name}", self._poller(p)) for p in self._peers])
 
     async def close(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        self._tasks = []
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        await self._loops.close()
 
     async def poll_once(self, peer: PeerConfig) -> PeerSummary | None:
         """One authenticated poll; None (logged at debug) on any failure or a wrong answer."""
-        assert self._session is not None, "start() first"
         headers = {AUTH_HEADER: state_auth(self._secret, peer.name, self._wall_clock())}
         try:
-            async with self._session.get(peer.state_url, headers=headers) as response:
+            async with self._loops.session.get(peer.state_url, headers=headers) as response:
                 response.raise_for_status()
                 summary = summary_from_json(await response.json(content_type=None))
         except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
@@ -85,14 +69,10 @@ class PeerPoller:
             return None
         return summary
 
-    async def _loop(self, peer: PeerConfig) -> None:
-        next_at = self._clock()
-        while True:
+    def _poller(self, peer: PeerConfig) -> Poll:
+        async def poll() -> None:
             started = self._clock()
             summary = await self.poll_once(peer)
-            try:
-                self._sink(peer.name, summary, started, self._clock() - started)
-            except Exception:  # a bug downstream must not silence this peer for good
-                log.exception("peer sink failed for %s", peer.name)
-            next_at = max(next_at + self._interval_s, self._clock())
-            await asyncio.sleep(max(0.0, next_at - self._clock()))
+            self._sink(peer.name, summary, started, self._clock() - started)
+
+        return poll

@@ -8,8 +8,6 @@ scrape could have seen.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 import math
 from collections.abc import Callable, Iterable, Sequence
@@ -18,6 +16,7 @@ from dataclasses import dataclass
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
+from skylb_extproc.server.polling import Poll, PollingLoops
 from skylb_extproc.types import ReplicaSpec, ScrapedMetrics
 
 log = logging.getLogger(__name__)
@@ -130,38 +129,21 @@ class Scraper:
         on_error: Callable[[str], None] | None = None,
     ) -> None:
         self._replicas = tuple(replicas)
-        self._interval_s = interval_s
-        self._timeout = aiohttp.ClientTimeout(total=timeout_s)
+        self._loops = PollingLoops(interval_s=interval_s, timeout_s=timeout_s, clock=clock)
         self._sink = sink
         self._clock = clock
         self._on_error = on_error
-        self._session: aiohttp.ClientSession | None = None
-        self._tasks: list[asyncio.Task[None]] = []
 
     async def start(self) -> None:
-        # One session (one connection pool) for every replica; keep-alive saves a handshake a poll.
-        self._session = aiohttp.ClientSession(timeout=self._timeout)
-        self._tasks = [
-            asyncio.create_task(self._loop(replica), name=f"scrape-{replica.name}")
-            for replica in self._replicas
-        ]
+        await self._loops.start([(f"scrape-{r.name}", self._poller(r)) for r in self._replicas])
 
     async def close(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        self._tasks = []
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        await self._loops.close()
 
     async def scrape_once(self, replica: ReplicaSpec) -> ScrapedMetrics | None:
         """Fetch and parse one replica's metrics; None (logged, counted) on any failure."""
-        assert self._session is not None, "start() first"
         try:
-            async with self._session.get(replica.metrics_url) as response:
+            async with self._loops.session.get(replica.metrics_url) as response:
                 response.raise_for_status()
                 text = await response.text()
             return parse_metrics(text)
@@ -171,16 +153,9 @@ class Scraper:
                 self._on_error(replica.name)
             return None
 
-    async def _loop(self, replica: ReplicaSpec) -> None:
-        next_at = self._clock()
-        while True:
+    def _poller(self, replica: ReplicaSpec) -> Poll:
+        async def poll() -> None:
             started = self._clock()
-            metrics = await self.scrape_once(replica)
-            try:
-                self._sink(replica.name, metrics, started)
-            except Exception:  # a bug downstream must not silence this replica for good
-                log.exception("scrape sink failed for %s", replica.name)
-            # Schedule from the previous slot, so a slow scrape does not stretch the period; if we
-            # fell behind by more than a period, restart from now rather than burst to catch up.
-            next_at = max(next_at + self._interval_s, self._clock())
-            await asyncio.sleep(max(0.0, next_at - self._clock()))
+            self._sink(replica.name, await self.scrape_once(replica), started)
+
+        return poll
