@@ -230,7 +230,7 @@ class Router:
         # What the request will hold in the replica's KV cache once its answer is complete.
         tokens = math.ceil(len(entry.request.prompt) / CHARS_PER_TOKEN)
         tokens += entry.request.max_tokens or 0
-        self._load.on_dispatch(route.replica, request_id, now, prompt_tokens=tokens)
+        self._load.on_dispatch(route.replica, request_id, now, kv_tokens=tokens)
         self._index.insert(route.replica, entry.hashes, now)
         self._decisions += 1
         chosen = next(v for v in snapshot.replicas if v.name == route.replica)

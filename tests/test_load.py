@@ -172,7 +172,7 @@ def test_unseen_dispatches_pend_only_when_the_kv_cache_cannot_admit_them(
     t = tracker()
     t.on_scrape("r0", scraped, started_at=0.0, now=0.1)
     for i, tokens in enumerate(prompts):
-        t.on_dispatch("r0", f"q{i}", 0.2, prompt_tokens=tokens)
+        t.on_dispatch("r0", f"q{i}", 0.2, kv_tokens=tokens)
     assert view(t, "r0", 0.3).pending == pending
     assert view(t, "r0", 0.3).available == (pending == 0)
 
@@ -182,11 +182,11 @@ def test_batch_limit_is_learned_from_a_scrape_with_waiting_requests() -> None:
     roomy = dict(kv_usage=0.0, block_size=16, num_gpu_blocks=1000)
     t.on_scrape("r0", ScrapedMetrics(waiting=1, running=2, **roomy), started_at=0.0, now=0.1)
     t.on_scrape("r0", ScrapedMetrics(waiting=0, running=1, **roomy), started_at=0.2, now=0.3)
-    t.on_dispatch("r0", "a", 0.4, prompt_tokens=16)
+    t.on_dispatch("r0", "a", 0.4, kv_tokens=16)
     assert view(t, "r0", 0.5).pending == 0  # 1 running + 1 unseen = the learned limit of 2
-    t.on_dispatch("r0", "b", 0.4, prompt_tokens=16)
+    t.on_dispatch("r0", "b", 0.4, kv_tokens=16)
     assert view(t, "r0", 0.5).pending == 1  # a third would wait in the engine
     # More running and nobody waiting: the limit was higher than learned.
     t.on_scrape("r0", ScrapedMetrics(waiting=0, running=4, **roomy), started_at=0.6, now=0.7)
-    t.on_dispatch("r0", "c", 0.8, prompt_tokens=16)
+    t.on_dispatch("r0", "c", 0.8, kv_tokens=16)
     assert view(t, "r0", 0.9).pending == 1  # 4 running + 1 unseen > 4

@@ -48,7 +48,7 @@ class _Replica:
     seq_cap: int | None = None  # learned batch limit: running when requests were seen waiting
     in_flight: set[str] = field(default_factory=set)
     # Our unstarted dispatches the last successful scrape cannot have seen:
-    # id -> (dispatched at, prompt tokens).
+    # id -> (dispatched at, tokens it will hold in the KV cache: prompt + max_tokens).
     unseen: dict[str, tuple[float, int]] = field(default_factory=dict)
 
 
@@ -84,19 +84,21 @@ class LoadTracker:
         now: float,
         *,
         pending: bool = True,
-        prompt_tokens: int = 0,
+        kv_tokens: int = 0,
     ) -> None:
         """We sent `request_id` to `replica`.
 
         `pending=False` for requests that never wait in the engine's queue (pass-through calls
         such as GET /v1/models): they count as in flight but never make a replica unavailable.
+        `kv_tokens`: what the request will hold in the replica's KV cache (prompt + max_tokens),
+        for projecting whether the replica can admit it before a scrape has seen it.
         """
         state = self._get(replica)
         self.on_finished(request_id, now)  # a reused id replaces the old record
         self._where[request_id] = replica
         state.in_flight.add(request_id)
         if pending:
-            state.unseen[request_id] = (now, prompt_tokens)
+            state.unseen[request_id] = (now, kv_tokens)
 
     def on_started(self, request_id: str, now: float) -> None:
         """Response headers seen: the engine has taken the request, it no longer waits."""
