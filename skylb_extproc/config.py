@@ -108,6 +108,7 @@ class ScrapeConfig:
     stale_after_s: float = 1.0
     max_pending: int = 0
     confirm_on_response_headers: bool = False
+    dispatch_visible_after_s: float = 0.1
 
 
 @dataclass(frozen=True)
@@ -142,6 +143,7 @@ class Config:
             stale_after_s=self.scrape.stale_after_s,
             max_pending=self.scrape.max_pending,
             confirm_on_headers=self.scrape.confirm_on_response_headers,
+            dispatch_visible_after_s=self.scrape.dispatch_visible_after_s,
         )
 
     def summary(self) -> str:
@@ -231,6 +233,7 @@ _FIELD_CHECKS: dict[type, dict[str, Callable[[object, str], Any]]] = {
         "stale_after_s": _POSITIVE,
         "max_pending": as_int(0),
         "confirm_on_response_headers": as_bool,
+        "dispatch_visible_after_s": as_float(positive=False),
     },
 }
 

@@ -72,6 +72,9 @@ class RouterSettings:
     confirm_on_headers: bool = False
     # Share of a replica's KV cache kept free when projecting what our unseen dispatches use.
     kv_headroom: float = 0.1
+    # A dispatch shows in a replica's metrics only in scrapes that begin this long after it:
+    # engines update their gauges once per step, and the request has to reach the engine first.
+    dispatch_visible_after_s: float = 0.1
 
 
 class Router:
@@ -94,6 +97,7 @@ class Router:
             stale_after_s=settings.stale_after_s,
             max_pending=settings.max_pending,
             kv_headroom=settings.kv_headroom,
+            visible_after_s=settings.dispatch_visible_after_s,
         )
         self._index = PrefixIndex(
             max_blocks_per_target=settings.index_blocks_per_replica, ttl_s=settings.index_ttl_s

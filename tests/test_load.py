@@ -190,3 +190,14 @@ def test_batch_limit_is_learned_from_a_scrape_with_waiting_requests() -> None:
     t.on_scrape("r0", ScrapedMetrics(waiting=0, running=4, **roomy), started_at=0.6, now=0.7)
     t.on_dispatch("r0", "c", 0.8, kv_tokens=16)
     assert view(t, "r0", 0.9).pending == 1  # 4 running + 1 unseen > 4
+
+
+def test_a_scrape_just_after_a_dispatch_does_not_clear_it() -> None:
+    """Engines publish gauges per step: a scrape must begin `visible_after_s` after a dispatch."""
+    t = LoadTracker(SPECS, stale_after_s=1.0, max_pending=0, visible_after_s=0.125)
+    t.on_scrape("r0", IDLE, started_at=0.0, now=0.01)
+    t.on_dispatch("r0", "a", 1.0)
+    t.on_scrape("r0", IDLE, started_at=1.0625, now=1.07)  # too soon to show it
+    assert view(t, "r0", 1.08).pending == 1
+    t.on_scrape("r0", IDLE, started_at=1.1875, now=1.19)
+    assert view(t, "r0", 1.2).pending == 0

@@ -62,6 +62,7 @@ class LoadTracker:
         stale_after_s: float,
         max_pending: int,
         kv_headroom: float = 0.1,
+        visible_after_s: float = 0.0,
     ) -> None:
         if stale_after_s <= 0:
             raise ValueError(f"stale_after_s must be > 0, got {stale_after_s}")
@@ -75,6 +76,7 @@ class LoadTracker:
         self._stale_after_s = stale_after_s
         self._max_pending = max_pending
         self._kv_headroom = kv_headroom
+        self._visible_after_s = visible_after_s
         self._where: dict[str, str] = {}  # request id -> replica, while in flight
 
     def on_dispatch(
@@ -130,7 +132,10 @@ class LoadTracker:
         state.seq_cap = _learn_seq_cap(state.seq_cap, metrics)
         state.ok_at = now
         # Dispatches sent before this scrape began are inside its numbers from now on.
-        state.unseen = {rid: u for rid, u in state.unseen.items() if u[0] >= started_at}
+        # An engine publishes its gauges per step: a request that reached it during the step
+        # (or was still on the wire) is not in them yet.
+        visible_before = started_at - self._visible_after_s
+        state.unseen = {rid: u for rid, u in state.unseen.items() if u[0] >= visible_before}
 
     def views(
         self, now: float, matched: Mapping[str, int] | None = None
