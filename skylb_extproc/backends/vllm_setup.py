@@ -29,6 +29,7 @@ import urllib.request
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import unquote
 
 from skylb_extproc.backends import vllm
 from skylb_extproc.procs import ChildError, Supervisor
@@ -102,7 +103,8 @@ def local_torch_wheel(venv: Path) -> str | None:
         if done.returncode != 0 or not report.is_file():
             return None
         installs = json.loads(report.read_text()).get("install", [])
-    urls = [str(i.get("download_info", {}).get("url", "")) for i in installs]
+    # file:///opt/wheels/torch-2.13.0%2Bcpu-...: the "+" comes URL-encoded
+    urls = [unquote(str(i.get("download_info", {}).get("url", ""))) for i in installs]
     return next((u for u in urls if "+cpu" in u), None)
 
 
@@ -143,7 +145,7 @@ def step_vllm(venv: Path) -> str | None:
     torch = installed_version(venv, "torch")
     if torch != f"{TORCH_VERSION}+cpu":
         raise SetupError(f"{VLLM_DIST} replaced the CPU torch with torch {torch}")
-    return None
+    return f"{VLLM_DIST} {VLLM_VERSION}"
 
 
 def step_prune(venv: Path) -> str | None:

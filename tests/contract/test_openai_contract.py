@@ -145,7 +145,7 @@ def vllm_server(request: pytest.FixtureRequest) -> Server:
     return Server("vllm", pool.url(0))
 
 
-@pytest.fixture(params=["sim", "vllm"])
+@pytest.fixture(params=["sim", pytest.param("vllm", marks=pytest.mark.vllm)])
 def server(request: pytest.FixtureRequest) -> Server:
     fixture = "sim_server" if request.param == "sim" else "vllm_server"
     value: Server = request.getfixturevalue(fixture)
@@ -382,6 +382,7 @@ def stream_shape(answer: Answer) -> dict[str, Any]:
     return kinds
 
 
+@pytest.mark.vllm
 def test_shapes_match_key_for_key(sim_server: Server, vllm_server: Server) -> None:
     def answers(server: Server) -> list[Any]:
         text = words(10, "shape")

@@ -29,7 +29,7 @@ from skylb_extproc.server.scrape import parse_metrics
 from skylb_extproc.stack import RegionStack, model_of, start_region_over
 from skylb_extproc.workload import chat_workload, play_conversations, send_chat
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.vllm]
 
 MODEL = model_of(REAL.profile)
 
