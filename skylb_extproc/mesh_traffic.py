@@ -15,7 +15,13 @@ from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from skylb_extproc.workload import Conversation, TurnResult, play_conversations, summarize
+from skylb_extproc.workload import (
+    Conversation,
+    TurnResult,
+    play_conversations,
+    summarize,
+    summary_tail,
+)
 
 __all__ = [
     "RegionCounters",
@@ -147,9 +153,6 @@ def format_mesh_summary(
     lines += [
         f"spills (skylb_spills_total): {_counts(spills, regions)}; "
         f"forwarded received: {_counts(received, regions)}",
-        f"prefix hit rate: {s['hit_rate']:.1%} "
-        f"({s['cached_tokens']} cached of {s['prompt_tokens']} prompt tokens)",
-        f"latency: p50 {s['p50_s']:.3f}s  p90 {s['p90_s']:.3f}s",
+        *summary_tail(s),
     ]
-    lines += [f"  error: {e}" for e in s["errors"][:5]]
     return "\n".join(lines)

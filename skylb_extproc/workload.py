@@ -351,9 +351,16 @@ def format_summary(results: Sequence[TurnResult], *, elapsed_s: float) -> str:
         f"requests: {s['requests']} ({s['streaming']} streaming) in {elapsed_s:.1f}s, "
         f"errors: {len(s['errors'])}",
         f"per replica (x-inference-pod): {replicas}",
+        *summary_tail(s),
+    ]
+    return "\n".join(lines)
+
+
+def summary_tail(s: dict[str, Any]) -> list[str]:
+    """Hit rate, latency and the first errors of a `summarize` result, as printed lines."""
+    return [
         f"prefix hit rate: {s['hit_rate']:.1%} "
         f"({s['cached_tokens']} cached of {s['prompt_tokens']} prompt tokens)",
         f"latency: p50 {s['p50_s']:.3f}s  p90 {s['p90_s']:.3f}s",
+        *(f"  error: {e}" for e in s["errors"][:5]),
     ]
-    lines += [f"  error: {e}" for e in s["errors"][:5]]
-    return "\n".join(lines)
