@@ -39,6 +39,9 @@ class Profile:
     prefill_t0_ms: float  # fixed cost of a compute-bound step
     prefill_k_ms: float  # per token in the step (linear layers)
     prefill_q_ms: float  # causal attention: q·L² for a lone prompt of L tokens
+    # Online replica only: from the HTTP request to the engine (vLLM's API server parses,
+    # tokenizes and hands over to the engine core; until then /metrics does not count it).
+    ingest_ms: float = 0.0
 
     def step_ms(self, decodes: int, tokens: int, context: float, attn_pairs: float) -> float:
         """Duration of one step; `attn_pairs` = Σ n·(p + n/2) over the prefill chunks."""
@@ -127,6 +130,8 @@ CPU_TINY_LLAMA = Profile(
     prefill_t0_ms=1.0,
     prefill_k_ms=0.011,
     prefill_q_ms=1.5e-6,
+    # A request showed in vllm:num_requests_running 14-60 ms after it was sent (idle server).
+    ingest_ms=20.0,
 )
 
 PROFILES: dict[str, Profile] = {

@@ -176,6 +176,8 @@ class SimReplica:
             raise fmt.bad_request(str(exc)) from None
         response_id = prefix + (request.headers.get("X-Request-Id") or uuid.uuid4().hex)
         created = int(time.time())
+        if self.profile.ingest_ms > 0:
+            await asyncio.sleep(self.profile.ingest_ms / 1000.0 / self._scale)
         rid, queue = self._submit(req)
         try:
             if req.stream:
