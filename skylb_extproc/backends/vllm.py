@@ -91,13 +91,11 @@ class VllmSettings:
     kv_cache_memory_bytes: str = DEFAULT_KV_CACHE_BYTES
     extra_args: tuple[str, ...] = field(default_factory=tuple)
 
-    @staticmethod
-    def for_venv(venv: Path | None = None, **kwargs: object) -> VllmSettings:
-        """Settings for `venv` (default: default_venv()) serving its tiny model."""
-        venv = venv or default_venv()
-        kwargs.setdefault("model", default_model(venv))
-        kwargs.setdefault("served_model_name", "tiny-llama")
-        return VllmSettings(venv=venv, **kwargs)  # type: ignore[arg-type]
+
+def tiny_settings(venv: Path | None = None) -> VllmSettings:
+    """The tiny model of `venv` (default: default_venv()) as vllm-setup wrote it."""
+    venv = venv or default_venv()
+    return VllmSettings(venv=venv, model=default_model(venv), served_model_name="tiny-llama")
 
 
 def server_argv(settings: VllmSettings, host: str, port: int) -> list[str]:

@@ -203,7 +203,7 @@ def _post_json(url: str, body: dict[str, object], timeout_s: float = 60.0) -> di
 
 def check_serving(venv: Path) -> str:
     """Start one server, ask for a chat completion and read /metrics; raise SetupError if not."""
-    settings = vllm.VllmSettings.for_venv(venv)
+    settings = vllm.tiny_settings(venv)
     with tempfile.TemporaryDirectory(prefix="skylb-vllm-check-") as tmp:
         sup = Supervisor(Path(tmp) / "logs")
         try:
