@@ -29,6 +29,8 @@ from skylb_extproc.server.scrape import parse_metrics
 from skylb_extproc.stack import RegionStack, model_of, start_region_over
 from skylb_extproc.workload import chat_workload, play_conversations, send_chat
 
+from .conftest import get_json, get_text
+
 pytestmark = [pytest.mark.integration, pytest.mark.vllm]
 
 MODEL = model_of(REAL.profile)
@@ -58,16 +60,6 @@ def stack(pool: ReplicaPool, tmp_path_factory: pytest.TempPathFactory) -> Iterat
         yield region
     finally:
         sup.stop_all()
-
-
-def get_json(url: str) -> Any:
-    with urllib.request.urlopen(url, timeout=5.0) as resp:
-        return json.loads(resp.read())
-
-
-def get_text(url: str) -> str:
-    with urllib.request.urlopen(url, timeout=5.0) as resp:
-        return str(resp.read().decode())
 
 
 def chat_body(content: str, **extra: Any) -> dict[str, Any]:
