@@ -60,6 +60,13 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--jobs", type=int, default=None, help="processes (default: CPU count)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--time-scale", type=float, default=10.0, help="--live: replica speed-up")
+    p.add_argument(
+        "--backend",
+        choices=("sim", "vllm"),
+        default="sim",
+        help="--live: simulated replicas, or real vLLM (after skylb-extproc vllm-setup; "
+        "real time: --time-scale 1, e.g. --profile cpu-tiny-llama)",
+    )
 
 
 class _Usage(ValueError):
@@ -118,6 +125,10 @@ def main_bench(args: argparse.Namespace) -> int:
     if args.live and (args.find_min_replicas or args.format == "closed-loop"):
         print("bench --live: open-loop traces only, without --find-min-replicas", file=sys.stderr)
         return 2
+    if args.backend == "vllm" and (not args.live or args.time_scale != 1.0):
+        print("bench --backend vllm: live only, and real vLLM runs in real time: "
+              "add --live --time-scale 1", file=sys.stderr)  # fmt: skip
+        return 2
     if args.live and args.limit is None:
         args.limit = LIVE_DEFAULT_LIMIT  # live runs take real time: capped unless asked
     if args.find_min_replicas and args.slo_ttft_p90 is None:
@@ -158,6 +169,7 @@ def _run_live(
     opts = LiveOptions(
         regions=wl.regions, replicas_per_region=args.replicas_per_region, profile=args.profile,
         rtt=RttMatrix.parse(args.rtt_ms, wl.regions), time_scale=args.time_scale,
+        backend=args.backend,
     )  # fmt: skip
     return dict(run_live([r.policy for r in runs], reqs, opts))
 

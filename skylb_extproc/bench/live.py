@@ -61,6 +61,7 @@ class LiveOptions:
     rtt: RttMatrix
     time_scale: float = 10.0
     timeout_s: float = 300.0  # per request, virtual seconds
+    backend: str = "sim"  # "vllm": real vLLM replicas (skylb-extproc vllm-setup), real time
 
 
 @dataclass
@@ -78,7 +79,8 @@ def _start(sup: Supervisor, workdir: Path, policy: str, opts: LiveOptions) -> _S
     name, params, mode = _PER_REGION.get(policy, (LIVE_SINGLE_LB.get(policy, ""), {}, None))
     stack = StackOptions(
         replicas=opts.replicas_per_region, profile=opts.profile, time_scale=opts.time_scale,
-        policy=name, policy_params=params, queue_max_length=100_000, queue_max_wait_s=600.0,
+        backend=opts.backend, policy=name, policy_params=params, queue_max_length=100_000,
+        queue_max_wait_s=600.0,
     )  # fmt: skip
     model = model_of(opts.profile)
     if mode is not None and len(opts.regions) > 1:

@@ -95,6 +95,10 @@ def test_flags_are_validated(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     live = ("--live", "--format", "closed-loop")
     assert main_bench(_args("--trace", trace, "--out", out, *live)) == 2
     assert "open-loop traces only" in capsys.readouterr().err
+    vllm = ("--backend", "vllm")
+    assert main_bench(_args("--trace", trace, "--out", out, *vllm)) == 2  # live only
+    assert main_bench(_args("--trace", trace, "--out", out, "--live", *vllm)) == 2  # scale 10
+    assert "real vLLM runs in real time" in capsys.readouterr().err
 
 
 def test_find_min_replicas(tmp_path: Path) -> None:

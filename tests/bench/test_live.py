@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import require_vllm
 
 from skylb_extproc.bench.cli import add_bench_arguments, main_bench
 
@@ -20,19 +21,36 @@ pytestmark = pytest.mark.integration
 POLICIES = "skylb,sglang,round-robin"
 
 
-def _trace(path: Path) -> Path:
+def _trace(path: Path, turns: int = 8, conversations: int = 4) -> Path:
     lines = []
-    for turn in range(8):
-        for conv in range(4):
+    for turn in range(turns):
+        for conv in range(conversations):
             ids = [1000 * conv + j for j in range(turn + 1)]
             row = {
-                "timestamp": (turn * 4 + conv) * 500,
+                "timestamp": (turn * conversations + conv) * 500,
                 "input_length": 512 * (turn + 1) - 50,
                 "output_length": 16,
                 "hash_ids": ids,
             }
             lines.append(json.dumps(row))
     path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _two_turns(path: Path) -> Path:
+    """Three conversations, two turns each; the second extends the first by 10%.
+
+    The tiny vLLM model's tokenizer makes ~1.7 characters a token of this text, so both turns
+    stay within its 4,096-token context. Over two replicas round robin sends each second turn
+    to the other replica; a prefix-aware policy keeps it with its first turn.
+    """
+    rows = [
+        {"timestamp": (turn * 3 + conv) * 500, "input_length": 1000 + 100 * turn,
+         "output_length": 16, "hash_ids": [10 * conv + j for j in range(2 + turn)]}
+        for turn in range(2)
+        for conv in range(3)
+    ]  # fmt: skip
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
     return path
 
 
@@ -60,3 +78,24 @@ def test_live_and_virtual_agree(tmp_path: Path) -> None:
     rank_l = sorted(live, key=lambda n: -live[n])
     assert rank_v == rank_l
     assert virtual["round-robin"] < min(virtual["skylb"], virtual["sglang"])
+
+
+@pytest.mark.vllm
+def test_live_replay_over_real_vllm(tmp_path: Path) -> None:
+    """`bench --live --backend vllm`: the same report over real vLLM (CPU) replicas, real time."""
+    require_vllm()
+    p = argparse.ArgumentParser()
+    add_bench_arguments(p)
+    out = tmp_path / "vllm"
+    argv = [
+        "--trace", str(_two_turns(tmp_path / "trace.jsonl")),
+        "--regions", "1",
+        "--replicas-per-region", "2", "--policies", "skylb,round-robin", "--out", str(out),
+        "--quiet", "--jobs", "1", "--live", "--backend", "vllm", "--time-scale", "1",
+        "--profile", "cpu-tiny-llama",
+    ]  # fmt: skip
+    assert main_bench(p.parse_args(argv)) == 0
+    policies = json.loads((out / "report.json").read_text())["policies"]
+    assert [s["completed"] for s in policies.values()] == [6, 6]
+    # vLLM's own cached_tokens: affinity keeps conversations on their replica's cache.
+    assert policies["skylb"]["prefix_hit_rate"] > policies["round-robin"]["prefix_hit_rate"]
