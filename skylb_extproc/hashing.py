@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import xxhash
 
-__all__ = ["block_hashes", "key_hash"]
+__all__ = ["block_hashes", "chain_blocks", "key_hash"]
 
 
 def _encode(text: str) -> bytes:
@@ -39,11 +39,24 @@ def block_hashes(
         raise ValueError(f"max_blocks must be >= 0, got {max_blocks}")
     count = min(len(text) // block_chars, max_blocks)
     seed = xxhash.xxh64_intdigest(_encode(f"{salt}\x00{model}"))
+    return tuple(chain_blocks(text, block_chars, count, seed))
+
+
+def chain_blocks(text: str, block_chars: int, count: int, seed: int) -> list[int]:
+    """xxh64 of `count` consecutive `block_chars`-character blocks of `text` (the last one may be
+    short), each seeded with the previous block's hash, the first with `seed`."""
     out: list[int] = []
-    for start in range(0, count * block_chars, block_chars):
-        seed = xxhash.xxh64_intdigest(_encode(text[start : start + block_chars]), seed=seed)
+    end = count * block_chars
+    if text.isascii():  # characters are bytes: encode once, hash slices (2x faster)
+        data = text.encode("ascii")
+        for start in range(0, end, block_chars):
+            seed = xxhash.xxh64_intdigest(data[start : start + block_chars], seed)
+            out.append(seed)
+        return out
+    for start in range(0, end, block_chars):
+        seed = xxhash.xxh64_intdigest(_encode(text[start : start + block_chars]), seed)
         out.append(seed)
-    return tuple(out)
+    return out
 
 
 def key_hash(key: str) -> int:

@@ -29,7 +29,7 @@ from skylb_extproc.bench.topology import System
 from skylb_extproc.bench.trace import TraceRequest, prompt_text
 from skylb_extproc.bench.workloads import Workload
 from skylb_extproc.region.balancer import Action, Forwarding
-from skylb_extproc.sim.model import EngineMetrics, Finished, FirstToken
+from skylb_extproc.sim.model import EngineMetrics, Finished, FirstToken, ReplicaEngine
 from skylb_extproc.types import Reject, Route, RouteRequest, ScrapedMetrics
 
 __all__ = ["SCRAPE_INTERVAL_S", "RunResult", "Simulation", "to_scraped"]
@@ -241,11 +241,12 @@ class Simulation:
         self.push(self.now, WAKE, rec.replica)
 
     def _on_wake(self, replica: str) -> None:
-        """Run the replica's steps; go on in place while its next step ends before any event.
+        """Run the replica to now; go on in place while its next output comes before any event.
 
-        Nothing else can happen before the heap's next event, so stepping the replica without a
-        round trip through the heap is the same schedule; it saves most heap traffic of long
-        decode phases (one step every few ms).
+        Nothing else can happen before the heap's next event, so running the replica without a
+        round trip through the heap is the same schedule. It is woken only at steps that can
+        emit a first token or a finish (`next_output_time`: a decode window's steps in between
+        just add tokens); whoever reads its metrics earlier calls `catch_up` first.
         """
         engine = self.s.replicas[replica]
         while True:
@@ -254,7 +255,7 @@ class Simulation:
                     self._first_token(ev)
                 elif isinstance(ev, Finished):
                     self._finished(ev)
-            t = engine.next_event_time()
+            t = engine.next_output_time()
             if t is None:
                 return
             if self._heap and t >= self._heap[0][0]:
@@ -303,7 +304,7 @@ class Simulation:
 
     def _on_sample(self, payload: tuple[str, str, float, list[str]]) -> None:
         region, where, started, names = payload
-        got = [(n, to_scraped(self.s.replicas[n].metrics())) for n in names]
+        got = [(n, to_scraped(self._replica_now(n).metrics())) for n in names]
         self.push(self.now + self._rtt(where, region), REMOTE_DELIVER, (region, started, got))
 
     def _on_deliver(self, payload: tuple[str, float, list[tuple[str, ScrapedMetrics]]]) -> None:
@@ -330,13 +331,18 @@ class Simulation:
     def _on_timeline(self, _: None) -> None:
         queues = {r: lb.queue_length for r, lb in self.s.balancers.items()}
         busy: dict[str, int] = {}
-        for name, engine in self.s.replicas.items():
-            m = engine.metrics()
+        for name in self.s.replicas:
+            m = self._replica_now(name).metrics()
             where = self.s.replica_region[name]
             busy[where] = busy.get(where, 0) + m.running + m.waiting
         self.timeline.sample(self.now, queues, busy)
         if self._open > 0:
             self.push(self.now + SAMPLE_INTERVAL_S, SAMPLE, None)
+
+    def _replica_now(self, name: str) -> ReplicaEngine:
+        engine = self.s.replicas[name]
+        engine.catch_up(self.now)
+        return engine
 
     def _rtt(self, a: str, b: str) -> float:
         return self.s.rtt.one_way(a, b)

@@ -16,9 +16,9 @@ characters each), so two texts that share a character prefix share their leading
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
-import xxhash
+from skylb_extproc.hashing import chain_blocks
 
 CHARS_PER_TOKEN = 4
 
@@ -30,15 +30,8 @@ def estimate_tokens(text: str) -> int:
 
 def block_hashes(text: str, block_size: int) -> tuple[int, ...]:
     """Chained hashes of the full token blocks of `text`; a trailing partial block has none."""
-    chars = block_size * CHARS_PER_TOKEN
     full = estimate_tokens(text) // block_size
-    hashes: list[int] = []
-    seed = 0
-    for i in range(full):
-        chunk = text[i * chars : (i + 1) * chars].encode("utf-8", "surrogatepass")
-        seed = xxhash.xxh64_intdigest(chunk, seed)
-        hashes.append(seed)
-    return tuple(hashes)
+    return tuple(chain_blocks(text, block_size * CHARS_PER_TOKEN, full, 0))
 
 
 class BlockPool:
@@ -53,6 +46,9 @@ class BlockPool:
         self._cached: dict[int, int] = {}
         # Insertion order = eviction order; dict ops give O(1) touch from the middle.
         self._free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
+        # Bumped by whatever can let a waiting request in (a block freed, touched or cached);
+        # allocations are not counted: they only happen while a step is planned.
+        self.version = 0
 
     @property
     def num_free(self) -> int:
@@ -66,6 +62,13 @@ class BlockPool:
     def usage(self) -> float:
         """vLLM's kv_cache_usage: referenced blocks / all blocks (cached but free = free)."""
         return 1.0 - len(self._free) / self.num_blocks
+
+    def is_free(self, block: int) -> bool:
+        return self._refs[block] == 0
+
+    def free_order(self) -> Iterator[int]:
+        """Free blocks in the order `allocate` takes them."""
+        return iter(self._free)
 
     def match(self, hashes: Sequence[int], max_blocks: int) -> list[int]:
         """Blocks holding the longest cached prefix of `hashes`, at most `max_blocks` of them."""
@@ -84,6 +87,7 @@ class BlockPool:
 
     def touch(self, blocks: Sequence[int]) -> None:
         """Take a reference on cache-hit blocks (removing free ones from the free queue)."""
+        self.version += 1
         for b in blocks:
             if self._refs[b] == 0:
                 del self._free[b]
@@ -111,9 +115,11 @@ class BlockPool:
             return
         self._hash[block] = block_hash
         self._cached[block_hash] = block
+        self.version += 1
 
     def free(self, blocks: Sequence[int]) -> None:
         """Drop one reference per block; blocks reaching zero join the free queue, tail first."""
+        self.version += 1
         for b in reversed(blocks):
             self._refs[b] -= 1
             if self._refs[b] == 0:

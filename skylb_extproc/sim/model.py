@@ -23,18 +23,22 @@ Scheduling, as vLLM V1's `vllm/v1/core/sched/scheduler.py` does it (research not
   (`output_text`, as the online replica does: its answers are deterministic filler), as vLLM
   caches them, so the next turn of a conversation, which resends the answer, hits them.
 
-Cost: per step, work proportional to the scheduled batch. Tokens of one request produced by
-several steps inside one `advance` call are reported as one `Tokens` event.
+Cost: per step, work proportional to the scheduled batch, except in decode windows
+(`sim/window.py`): runs of decode-only steps planned at once and applied in bulk, with the same
+results. Tokens of one request produced by several steps inside one `advance` call are reported
+as one `Tokens` event.
 """
 
 from __future__ import annotations
 
+from bisect import bisect_left, bisect_right
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 from skylb_extproc.sim.kvcache import BlockPool, block_hashes, estimate_tokens
 from skylb_extproc.sim.profiles import Profile
+from skylb_extproc.sim.window import Blocked, DecodeWindow, plan_window
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,7 +104,7 @@ class _Request:
     preemptions: int = 0
     cached_blocks: int = 0  # leading blocks of `blocks` registered in the prefix cache
     done: bool = False
-    considered: bool = False  # a step was planned while it waited (vLLM: it reached the scheduler)
+    added_in: int = 0  # steps planned before it arrived (vLLM: it reaches the scheduler after)
     blocks: list[int] = field(default_factory=list)
 
     @property
@@ -129,9 +133,15 @@ class ReplicaEngine:
     """vLLM V1 continuous batching for one replica; see the module docstring for the algorithm."""
 
     def __init__(
-        self, profile: Profile, name: str, output_text: Callable[[int, int], str] | None = None
+        self,
+        profile: Profile,
+        name: str,
+        output_text: Callable[[int, int], str] | None = None,
+        *,
+        windows: bool = True,
     ) -> None:
-        """output_text(start, count): the text of output tokens [start, start + count)."""
+        """output_text(start, count): the text of output tokens [start, start + count).
+        windows=False steps one at a time (the reference the windows are tested against)."""
         self.profile = profile
         self.name = name
         self._output_text = output_text
@@ -141,6 +151,11 @@ class ReplicaEngine:
         self._running: list[_Request] = []
         self._requests: dict[str, _Request] = {}
         self._step: _Step | None = None
+        self._windows = windows
+        self._window: DecodeWindow | None = None
+        self._blocked: Blocked | None = None  # the last failed admission of the queue's head
+        self._plans = 0  # steps planned so far
+        self._unconsidered = 0  # waiting requests added since the last step was planned
         self._free_at = 0.0  # when the scheduler can plan the next step
         self._last_now = float("-inf")
         self._events: list[SimEvent] = []
@@ -177,19 +192,50 @@ class ReplicaEngine:
             raise ValueError(f"duplicate request id {request_id!r}")
         tokens = self.validate(prompt, max_tokens)
         self._run(now, include_start=False)
-        if self._step is None and not self._has_work():
+        self._cut_window()
+        if self._step is None and self._window is None and not self._has_work():
             self._free_at = now
         # The answer's text is known up front: hash its blocks now, cache them as they fill.
         text = prompt + self._output_text(0, max_tokens) if self._output_text else prompt
         req = _Request(request_id, tokens, max_tokens, block_hashes(text, self._bs))
+        req.added_in = self._plans
         self._requests[request_id] = req
         self._waiting.append(req)
+        self._unconsidered += 1
 
     def next_event_time(self) -> float | None:
         """End of the step in progress (planning it if work is pending); None when idle."""
-        if self._step is None and self._has_work():
+        if self._window is None and self._step is None and self._has_work():
             self._begin_step(self._free_at)
+        w = self._window
+        if w is not None:
+            if w.begun == w.finished:
+                self._window_begin(w, w.begun + 1)
+            return w.ends[w.begun - 1]
         return None if self._step is None else self._step.end
+
+    def next_output_time(self) -> float | None:
+        """End of the next step that can sample a first token or finish a request: the decode
+        window's last step, else the step in progress. A caller that only needs those events
+        can sleep until then and `catch_up` whenever it reads the metrics in between."""
+        w = self._window
+        return self.next_event_time() if w is None else w.ends[-1]
+
+    def catch_up(self, now: float) -> None:
+        """Apply the decode window's steps that end before `now`, as stepping to them would.
+
+        For a caller woken at `next_output_time`: none of these steps emits anything but
+        tokens, and the metrics then read as they would at `now`.
+        """
+        w = self._window
+        if w is None:
+            return
+        done = bisect_left(w.ends, now)
+        if done >= len(w.ends):
+            raise RuntimeError(f"catch_up({now}) past the window's last step: a wake-up was missed")
+        if done > w.finished:
+            self._window_finish(w, done)
+        self._window_begin(w, done + 1)
 
     def advance(self, now: float) -> list[SimEvent]:
         """Run every step that ends at or before `now`; return the events since the last call."""
@@ -201,6 +247,7 @@ class ReplicaEngine:
     def cancel(self, request_id: str, now: float) -> None:
         """The client went away: drop the request, free its blocks; no event, unknown id = no-op."""
         self._run(now, include_start=False)
+        self._cut_window()
         req = self._requests.pop(request_id, None)
         if req is None:
             return
@@ -210,6 +257,8 @@ class ReplicaEngine:
             self._running.remove(req)
         else:
             self._waiting.remove(req)
+            if req.added_in == self._plans:
+                self._unconsidered -= 1
         self._pool.free(req.blocks)
         req.blocks = []
         self._c.finished_abort += 1
@@ -256,12 +305,16 @@ class ReplicaEngine:
             raise ValueError(f"time went backwards: {now} < {self._last_now}")
         self._last_now = now
         while True:
+            if self._window is not None:
+                if not self._run_window(now, include_start):
+                    return
+                continue
             if self._step is None:
                 start = self._free_at
                 if not self._has_work() or start > now or (start == now and not include_start):
                     return
                 self._begin_step(start)
-            assert self._step is not None
+                continue  # it may have planned a window
             if self._step.end > now:
                 return
             self._finish_step(self._step)
@@ -269,8 +322,10 @@ class ReplicaEngine:
     # --- planning a step --------------------------------------------------------------------
 
     def _begin_step(self, start: float) -> None:
-        for req in self._waiting:
-            req.considered = True
+        self._plans += 1
+        self._unconsidered = 0
+        if self._windows and self._begin_window(start):
+            return
         budget = self.profile.max_num_batched_tokens
         items: list[tuple[_Request, int]] = []
         preempted = False
@@ -326,6 +381,7 @@ class ReplicaEngine:
             n = min(req.num_tokens - cached, budget)
             need = self._blocks_for(cached + n) - len(hits)
             if not self._pool.can_allocate(need, hits):
+                self._blocked = Blocked(req, self._pool.version, budget, tuple(hits))
                 break
             self._pool.touch(hits)
             req.blocks = hits + self._pool.allocate(need)
@@ -389,8 +445,10 @@ class ReplicaEngine:
         self._snapshot()
 
     def _snapshot(self) -> None:
-        waiting = sum(1 for r in self._waiting if r.considered)
-        self._reported = (waiting, len(self._running), self._pool.usage())
+        self._reported = self._report(self._pool.usage())
+
+    def _report(self, usage: float) -> tuple[int, int, float]:
+        return len(self._waiting) - self._unconsidered, len(self._running), usage
 
     def _on_token(self, req: _Request, t: float) -> None:
         if req.num_output == 1:
@@ -421,3 +479,94 @@ class ReplicaEngine:
         for rid, (count, t) in self._pending_tokens.items():
             self._events.append(Tokens(rid, t, int(count)))
         self._pending_tokens.clear()
+
+    # --- decode windows (sim/window.py) -----------------------------------------------------
+
+    def _begin_window(self, start: float) -> bool:
+        p = self.profile
+        budget = p.max_num_batched_tokens - len(self._running)
+        if budget < 0:
+            return False
+        blocked = self._blocked
+        if blocked is not None and blocked.budget != budget:
+            blocked = None
+        window = plan_window(
+            running=self._running,
+            head=self._waiting[0] if self._waiting else None,
+            admission_open=budget > 0 and len(self._running) < p.max_num_seqs,
+            blocked=blocked,
+            pool=self._pool,
+            bs=self._bs,
+            start=start,
+            step_seconds=self._decode_seconds,
+        )
+        if window is None:
+            return False
+        self._window = window
+        self._window_begin(window, 1)
+        return True
+
+    def _decode_seconds(self, batch: int, context: int) -> float:
+        # The same call as _step_seconds makes for a decode-only batch, for the same floats.
+        return self.profile.step_ms(batch, batch, float(context), 0.0) / 1000.0
+
+    def _run_window(self, now: float, include_start: bool) -> bool:
+        """Apply the window's steps up to `now`; True when its last step has finished."""
+        w = self._window
+        assert w is not None
+        done = bisect_right(w.ends, now)
+        last = len(w.ends)
+        if done == last:
+            if last - 1 > w.finished:
+                self._window_finish(w, last - 1)
+            self._window_begin(w, last)
+            self._window = None
+            self._finish_step(_Step(w.ends[-1], [(r, 1) for r in w.batch]))
+            return True
+        if done > w.finished:
+            self._window_finish(w, done)
+        if done > 0 and (w.ends[done - 1] < now or include_start):
+            self._window_begin(w, done + 1)
+        return False
+
+    def _window_begin(self, w: DecodeWindow, through: int) -> None:
+        """Take the blocks of steps up to `through`, as _grow would at each step's start."""
+        for s in range(w.begun + 1, through + 1):
+            for i in w.schedule.get(s, ()):
+                req = w.batch[i]
+                computed = w.base[i] + s
+                need = self._blocks_for(computed) - len(req.blocks)
+                if need > 0:
+                    req.blocks.extend(self._pool.allocate(need))
+                self._cache_full_blocks(req, computed)
+        w.begun = max(w.begun, through)
+
+    def _window_finish(self, w: DecodeWindow, through: int) -> None:
+        """Apply steps up to `through` (none of them finishes a request) to the requests."""
+        self._window_begin(w, through)
+        usage = self._pool.usage()
+        d = through - w.finished
+        t = w.ends[through - 1]
+        for i, req in enumerate(w.batch):
+            req.num_computed = w.base[i] + through
+            req.num_output += d
+            pending = self._pending_tokens.get(req.rid)
+            if pending is None:
+                self._pending_tokens[req.rid] = [d, t]
+            else:
+                pending[0] += d
+                pending[1] = t
+        self._c.generation_tokens += d * len(w.batch)
+        w.finished = through
+        self._free_at = t
+        self._reported = self._report(usage)
+
+    def _cut_window(self) -> None:
+        """The batch or the queue changes: end the window after the step in progress."""
+        w = self._window
+        if w is None:
+            return
+        if w.begun == w.finished:
+            self._window = None
+        else:
+            del w.ends[w.begun :]
