@@ -193,6 +193,9 @@ class Router:
         """The replicas as policies see them at `now` (no prefix match)."""
         return self._load.views(now)
 
+    def any_healthy(self, now: float) -> bool:
+        return self._load.any_healthy(now)
+
     def hashes(self, request: RouteRequest) -> tuple[int, ...]:
         """The prompt's block hashes, as the queue and the prefix index use them."""
         return self._hashes(request)
@@ -215,7 +218,7 @@ class Router:
         """Decide queue heads until one must wait (FIFO) or the queue is empty."""
         out: list[Dispatch] = []
         while (entry := self._queue.head()) is not None:
-            if self._policy.waits and not any(v.available for v in self._load.views(now)):
+            if self._policy.waits and not self._load.any_available(now):
                 break  # a waiting policy can only Wait: skip the prefix match (the costly part)
             snapshot = self._snapshot(entry, now)
             decision = self._policy.decide(entry.request, snapshot, self._rng)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 __all__ = ["OK", "RequestRecord", "percentiles", "summarize_policy", "write_jsonl"]
@@ -40,11 +40,15 @@ class RequestRecord:
     queued_s: float = 0.0  # time spent waiting in balancer queues (origin and, if spilled, peer)
 
     def to_json(self) -> str:
-        d = asdict(self)
+        # Flat fields: a shallow dict (dataclasses.asdict deep-copies, 10x slower here).
+        d = {f.name: getattr(self, f.name) for f in _FIELDS}
         for key in ("arrival", "dispatch", "ttft", "e2e", "est_match", "queued_s"):
             if d[key] is not None:
                 d[key] = round(d[key], 6)
         return json.dumps(d, sort_keys=True, separators=(",", ":"))
+
+
+_FIELDS = fields(RequestRecord)
 
 
 def write_jsonl(path: str | Path, records: Iterable[RequestRecord]) -> None:

@@ -208,10 +208,11 @@ class RegionBalancer:
         """Rules 3 and 4: forward at arrival, or reject; None = the Router takes it."""
         allowed = self._residency.allowed_for(request)
         here = allowed is None or self.region in allowed
-        if here and any(v.healthy for v in self.router.views(now)):
+        if here and self.router.any_healthy(now):
             return None
         hashes = self.router.hashes(request) if request.inference else ()
-        fwd = self._choose(request, hashes, allowed, now, rescue=True)
+        queue = self.router.queue_length
+        fwd = self._choose(request, hashes, allowed, now, queue=queue, rescue=True)
         if fwd is not None:
             return self._forward(request.request_id, hashes, fwd, now, rescue=True)
         return None if here else Dispatch(request.request_id, NO_ALLOWED_REGION)
@@ -228,10 +229,12 @@ class RegionBalancer:
         return actions
 
     def _walk(self, now: float) -> list[Action]:
-        rescue = not any(v.healthy for v in self.router.views(now))
-        out: list[Action] = []
+        rescue = not self.router.any_healthy(now)
+        out: list[Forwarding] = []
         skipped = 0
-        for entry in list(self.router.queued()):
+        # The queue is not changed while walked (it can be long, and most walks stop at the
+        # head): forwarded requests leave it afterwards, and each decision counts those before.
+        for entry in self.router.queued():
             if skipped > MAX_SKIPPED:
                 break
             request = entry.request
@@ -239,16 +242,18 @@ class RegionBalancer:
             if request.origin is not None or not self._may_leave(allowed):
                 skipped += 1
                 continue
-            fwd = self._choose(request, entry.hashes, allowed, now, rescue=rescue)
+            queue = self.router.queue_length - len(out)
+            fwd = self._choose(request, entry.hashes, allowed, now, queue=queue, rescue=rescue)
             if fwd is not None:
-                self.router.take(request.request_id)
                 waited = now - entry.arrived
                 out.append(self._forward(request.request_id, entry.hashes, fwd, now, waited))
             elif allowed is None:
                 break  # FIFO: the head stays, and nothing behind it has more choice
             else:
                 skipped += 1
-        return out
+        for forwarding in out:
+            self.router.take(forwarding.request_id)
+        return list(out)
 
     def _may_leave(self, allowed: frozenset[str] | None) -> bool:
         return allowed is None or any(r != self.region for r in allowed)
@@ -260,22 +265,24 @@ class RegionBalancer:
         allowed: frozenset[str] | None,
         now: float,
         *,
+        queue: int,
         rescue: bool,
     ) -> Forward | None:
+        """Where to forward `request` (None: keep it) while our queue holds `queue` requests."""
         assert self._spill is not None
         views = [v for v in self._views(now) if allowed is None or v.name in allowed]
         if not views:
             return None
         planner, cost = self._spill.planner, self._spill.cost
         if cost is not None and not rescue:
-            return self._choose_by_cost(request, hashes, views, now)
+            return self._choose_by_cost(request, hashes, views, now, queue)
         if request.hash_key:
             key: int | None = key_hash(request.hash_key)
         else:
             key = hashes[0] if hashes else None
         return planner.decide(
             views,
-            our_queue=self.router.queue_length,
+            our_queue=queue,
             hashes=hashes,
             prompt_chars=len(request.prompt),
             block_chars=self.router.block_chars,
@@ -285,15 +292,20 @@ class RegionBalancer:
         )
 
     def _choose_by_cost(
-        self, request: RouteRequest, hashes: tuple[int, ...], views: list[RegionView], now: float
+        self,
+        request: RouteRequest,
+        hashes: tuple[int, ...],
+        views: list[RegionView],
+        now: float,
+        queue: int,
     ) -> Forward | None:
         assert self._spill is not None and self._spill.cost is not None
         planner, cost = self._spill.planner, self._spill.cost
-        ok = candidates(views, our_queue=self.router.queue_length, tau=planner.settings.tau)
+        ok = candidates(views, our_queue=queue, tau=planner.settings.tau)
         block = self.router.block_chars
         prompt = len(request.prompt)
         local_s = cost.local_cost(
-            queue_length=self.router.queue_length,
+            queue_length=queue,
             rate=self.dispatch_rate(now),
             prompt_chars=prompt,
             matched_chars=min(prompt, self.router.local_match(hashes, now) * block),
@@ -324,8 +336,10 @@ class RegionBalancer:
         out: list[RegionView] = []
         for v in self._spill.peers.views(now):
             sent = len(self._sent.get(v.name, ()))
-            avail = max(0, v.available_replicas - sent)
-            out.append(replace(v, available_replicas=avail, queue_length=v.queue_length + sent))
+            if sent:
+                avail = max(0, v.available_replicas - sent)
+                v = replace(v, available_replicas=avail, queue_length=v.queue_length + sent)
+            out.append(v)
         return out
 
     def _trim(self, now: float) -> None:

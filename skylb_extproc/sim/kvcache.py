@@ -63,8 +63,9 @@ class BlockPool:
         """vLLM's kv_cache_usage: referenced blocks / all blocks (cached but free = free)."""
         return 1.0 - len(self._free) / self.num_blocks
 
-    def is_free(self, block: int) -> bool:
-        return self._refs[block] == 0
+    def hash_of(self, block: int) -> int | None:
+        """The hash a block is cached under, if any."""
+        return self._hash[block]
 
     def free_order(self) -> Iterator[int]:
         """Free blocks in the order `allocate` takes them."""

@@ -105,6 +105,7 @@ class _Request:
     cached_blocks: int = 0  # leading blocks of `blocks` registered in the prefix cache
     done: bool = False
     added_in: int = 0  # steps planned before it arrived (vLLM: it reaches the scheduler after)
+    hash_set: frozenset[int] | None = None  # `hashes` as a set, once a window needs it
     blocks: list[int] = field(default_factory=list)
 
     @property
@@ -381,7 +382,7 @@ class ReplicaEngine:
             n = min(req.num_tokens - cached, budget)
             need = self._blocks_for(cached + n) - len(hits)
             if not self._pool.can_allocate(need, hits):
-                self._blocked = Blocked(req, self._pool.version, budget, tuple(hits))
+                self._blocked = Blocked(req, self._pool.version, budget, len(hits))
                 break
             self._pool.touch(hits)
             req.blocks = hits + self._pool.allocate(need)

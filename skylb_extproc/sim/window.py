@@ -42,7 +42,7 @@ class Blocked:
     request: _Request
     pool_version: int
     budget: int
-    hits: tuple[int, ...]  # the blocks of its cached prefix then
+    hit_blocks: int  # the length of its cached prefix then, in blocks
 
 
 @dataclass(slots=True)
@@ -159,16 +159,20 @@ def _head_limit(
     bs: int,
 ) -> int:
     """Cut `steps` before the first step that could let the blocked head in."""
-    free_hits = {b for b in blocked.hits if pool.is_free(b)}
-    if free_hits:
-        taken = _allocations_through(firsts, steps, bs)
+    taken = _allocations_through(firsts, steps, bs)
+    if taken:
+        if head.hash_set is None:  # built once: a request stays the head for many windows
+            head.hash_set = frozenset(head.hashes)
+        # Evicting a block that holds one of the head's hashes may shorten its cached prefix
+        # (cutting at any of them, hit or not, is merely early).
         for i, b in enumerate(islice(pool.free_order(), taken)):
-            if b in free_hits:
+            h = pool.hash_of(b)
+            if h is not None and h in head.hash_set:
                 steps = min(steps, _steps_before_blocks(firsts, i, steps, bs))
                 break
     cap = min((head.num_tokens - 1) // bs, len(head.hashes))  # what BlockPool.match may use
-    if len(blocked.hits) < cap:
-        wanted = head.hashes[len(blocked.hits)]
+    if blocked.hit_blocks < cap:
+        wanted = head.hashes[blocked.hit_blocks]
         for r, base in zip(running, (r.num_computed for r in running), strict=True):
             for j in range(r.cached_blocks, min((base + steps) // bs, len(r.hashes))):
                 if r.hashes[j] == wanted:

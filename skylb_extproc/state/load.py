@@ -159,6 +159,17 @@ class LoadTracker:
             )
         return tuple(out)
 
+    def any_healthy(self, now: float) -> bool:
+        """Whether views(now) has a healthy replica (without building the views)."""
+        return any(self._healthy(s, now) for s in self._replicas.values())
+
+    def any_available(self, now: float) -> bool:
+        """Whether views(now) has an available replica (without building the views)."""
+        return any(
+            self._healthy(s, now) and self._pending(s) <= self._max_pending
+            for s in self._replicas.values()
+        )
+
     def replica(self, name: str) -> ReplicaSpec:
         """The configured replica called `name` (KeyError if there is none)."""
         return self._get(name).spec
