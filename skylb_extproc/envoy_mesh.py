@@ -39,6 +39,7 @@ __all__ = [
     "PEER_STATE_PATH",
     "PeerRoute",
     "add_mesh",
+    "fault_delay",
 ]
 
 CLUSTER_HEADER = "x-skylb-cluster"
@@ -127,7 +128,8 @@ def _cluster(name: str, address: str, *, max_requests: int, http2: bool) -> dict
     return cluster
 
 
-def _fault_delay(delay_ms: float) -> dict[str, Any]:
+def fault_delay(delay_ms: float) -> dict[str, Any]:
+    """The fault filter's config (or per-route override) that holds every request `delay_ms`."""
     return {
         "@type": _FAULT_TYPE,
         "delay": {
@@ -148,7 +150,7 @@ def _peer_route(peer: PeerRoute) -> dict[str, Any]:
         "route": {"cluster": peer.cluster, "timeout": "0s"},
     }
     if peer.delay_ms > 0:
-        route["typed_per_filter_config"] = {_FAULT: _fault_delay(peer.delay_ms)}
+        route["typed_per_filter_config"] = {_FAULT: fault_delay(peer.delay_ms)}
     return route
 
 

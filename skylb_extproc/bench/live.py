@@ -8,10 +8,12 @@ and measured latencies are multiplied by it, so records are in the same (virtual
 the evaluator's. What does not scale: the balancers' 100 ms polling and Envoy's own overhead
 (both get relatively `time_scale` times slower), so expect live TTFTs somewhat above virtual.
 
-Topologies: per-region policies run one stack per region (a peered mesh for the spilling
-ones). The single-balancer baselines need a client-to-balancer delay that the stacks do not
-inject, so they run live only with one region (where every topology is one balancer over that
-region's replicas); otherwise they are reported as not run. Open-loop workloads only.
+Topologies, as in the virtual run (`bench/topology.py`): per-region policies run one stack per
+region (a peered mesh for the spilling ones, its inter-region delay injected by Envoy). The
+single-balancer baselines run one stack in the first region over every region's replicas; the
+other regions' replicas are reached through delayed links (`bench/wan.py`), and a client in
+another region waits the one-way delay before sending and adds it on the way back (the client
+does not react to what it receives, so adding is the same as delaying). Open-loop workloads only.
 """
 
 from __future__ import annotations
@@ -31,12 +33,21 @@ from skylb_extproc.bench.records import OK, RequestRecord
 from skylb_extproc.bench.regions import RttMatrix
 from skylb_extproc.bench.timeline import Timeline
 from skylb_extproc.bench.trace import TraceRequest, prompt_text
+from skylb_extproc.bench.wan import start_links
 from skylb_extproc.mesh import MeshOptions, start_mesh
 from skylb_extproc.procs import Supervisor
 from skylb_extproc.region.config import SpillConfig
-from skylb_extproc.stack import StackOptions, model_of, start_region
+from skylb_extproc.stack import (
+    StackOptions,
+    collect_replicas,
+    launch_replicas,
+    model_of,
+    start_region,
+    start_region_over,
+)
+from skylb_extproc.types import ReplicaSpec
 
-__all__ = ["LIVE_SINGLE_LB", "LiveOptions", "run_live"]
+__all__ = ["LiveOptions", "run_live"]
 
 # name -> (skylb policy, params, spill mode or None)
 _PER_REGION: dict[str, tuple[str, dict[str, Any], str | None]] = {
@@ -45,7 +56,7 @@ _PER_REGION: dict[str, tuple[str, dict[str, Any], str | None]] = {
     "skylb-cost": ("skylb", {}, "cost"),
     "region-local": ("prefix_affinity", {}, None),
 }
-LIVE_SINGLE_LB: dict[str, str] = {
+_SINGLE_LB: dict[str, str] = {
     "least-load": "least_load",
     "round-robin": "round_robin",
     "consistent-hash": "consistent_hash",
@@ -67,22 +78,23 @@ class LiveOptions:
 @dataclass
 class _System:
     listeners: dict[str, str]  # client region -> the Envoy URL its clients use
+    balancer: dict[str, str]  # client region -> region of the balancer it talks to
     replica_region: dict[str, str]  # x-inference-pod -> region
     model: str
-
-
-def supported(policy: str, regions: Sequence[str]) -> bool:
-    return policy in _PER_REGION or (policy in LIVE_SINGLE_LB and len(regions) == 1)
+    spills: bool = False  # a request served outside its balancer's region was forwarded
 
 
 def _start(sup: Supervisor, workdir: Path, policy: str, opts: LiveOptions) -> _System:
-    name, params, mode = _PER_REGION.get(policy, (LIVE_SINGLE_LB.get(policy, ""), {}, None))
+    name, params, mode = _PER_REGION.get(policy, (_SINGLE_LB.get(policy, ""), {}, None))
     stack = StackOptions(
         replicas=opts.replicas_per_region, profile=opts.profile, time_scale=opts.time_scale,
         backend=opts.backend, policy=name, policy_params=params, queue_max_length=100_000,
         queue_max_wait_s=600.0,
     )  # fmt: skip
     model = model_of(opts.profile)
+    own = {r: r for r in opts.regions}
+    if policy in _SINGLE_LB and len(opts.regions) > 1:
+        return _start_single(sup, workdir, stack, opts)
     if mode is not None and len(opts.regions) > 1:
         one_way_ms = opts.rtt.default_s * 1000.0 / opts.time_scale
         mesh = start_mesh(
@@ -90,14 +102,41 @@ def _start(sup: Supervisor, workdir: Path, policy: str, opts: LiveOptions) -> _S
                                       rtt_pairs_ms=_pairs_ms(opts), spill=SpillConfig(mode=mode))
         )  # fmt: skip
         urls = {r.name: r.listener for r in mesh.regions}
-        return _System(urls, mesh.region_of_replica(), model)
+        return _System(urls, own, mesh.region_of_replica(), model, spills=True)
     listeners: dict[str, str] = {}
     where: dict[str, str] = {}
     for region in opts.regions:
         rs = start_region(sup, workdir / region, replace(stack, region=region))
         listeners[region] = rs.listener
         where |= {rep.name: region for rep in rs.replicas}
-    return _System(listeners, where, model)
+    return _System(listeners, own, where, model)
+
+
+def _start_single(
+    sup: Supervisor, workdir: Path, stack: StackOptions, opts: LiveOptions
+) -> _System:
+    """One balancer in the first region over every region's replicas, the others via links."""
+    home = opts.regions[0]
+    launched = {r: launch_replicas(sup, stack, prefix=f"{r}-") for r in opts.regions}
+    replicas = {r: collect_replicas(cs, stack.startup_timeout_s) for r, cs in launched.items()}
+    where = {spec.name: r for r, specs in replicas.items() for spec in specs}
+    links = {
+        spec.name: (spec, 2000.0 * opts.rtt.one_way(home, r) / opts.time_scale)
+        for r in opts.regions[1:]
+        for spec in replicas[r]
+    }
+    linked = start_links(sup, workdir, links, stack.startup_timeout_s)
+    specs: list[ReplicaSpec] = [
+        linked.get(spec.name, spec) for r in opts.regions for spec in replicas[r]
+    ]
+    pids = {c.name: c.pid for cs in launched.values() for c in cs}
+    rs = start_region_over(sup, workdir / home, replace(stack, region=home), specs, pids)
+    return _System(
+        dict.fromkeys(opts.regions, rs.listener),
+        dict.fromkeys(opts.regions, home),
+        where,
+        model_of(opts.profile),
+    )
 
 
 def _pairs_ms(opts: LiveOptions) -> dict[frozenset[str], float]:
@@ -109,7 +148,9 @@ async def _send(
     session: aiohttp.ClientSession, system: _System, req: TraceRequest, t0: float, opts: LiveOptions
 ) -> RequestRecord:
     loop = asyncio.get_running_loop()
-    rec = RequestRecord(req.request_id, req.region, req.arrival, balancer=req.region)
+    balancer = system.balancer[req.region]
+    one_way = opts.rtt.one_way(req.region, balancer)  # virtual seconds, each way
+    rec = RequestRecord(req.request_id, req.region, req.arrival, balancer=balancer)
     rec.prompt_tokens = req.prompt_tokens
     body = {
         "model": system.model, "prompt": prompt_text(req), "max_tokens": req.output_tokens,
@@ -117,6 +158,7 @@ async def _send(
     }  # fmt: skip
     await asyncio.sleep(max(0.0, t0 + req.arrival / opts.time_scale - loop.time()))
     sent = loop.time()
+    await asyncio.sleep(one_way / opts.time_scale)
     url = system.listeners[req.region] + "/v1/completions"
     try:
         async with session.post(url, json=body, headers={"x-hash-key": req.group}) as resp:
@@ -130,9 +172,10 @@ async def _send(
         return rec
     end = loop.time()
     rec.replica_region = system.replica_region.get(rec.replica, "")
-    rec.forwarded_to = "" if rec.replica_region == req.region else rec.replica_region
-    rec.ttft = ((first if first is not None else end) - sent) * opts.time_scale
-    rec.e2e = (end - sent) * opts.time_scale
+    spilled = system.spills and rec.replica_region not in ("", balancer)
+    rec.forwarded_to = rec.replica_region if spilled else ""
+    rec.ttft = ((first if first is not None else end) - sent) * opts.time_scale + one_way
+    rec.e2e = (end - sent) * opts.time_scale + one_way
     rec.outcome = OK
     return rec
 
@@ -172,10 +215,10 @@ async def _replay(
 def run_live(
     policies: Sequence[str], reqs: Sequence[TraceRequest], opts: LiveOptions
 ) -> Mapping[str, RunResult]:
-    """Each supported policy in turn on a fresh stack; unsupported ones are left out."""
+    """Each policy in turn on a fresh stack; unknown names are left out."""
     out: dict[str, RunResult] = {}
     for policy in policies:
-        if not supported(policy, opts.regions):
+        if policy not in _PER_REGION and policy not in _SINGLE_LB:
             continue
         with (
             tempfile.TemporaryDirectory(prefix="skylb-live-") as tmp,

@@ -2,7 +2,9 @@
 
 Four conversations of eight growing turns over three replicas of one region: prefix-aware
 policies keep each conversation on one replica, round robin scatters them. Both ways must find
-hit rates within 10% of each other and rank the policies the same.
+hit rates within 10% of each other and rank the policies the same. Across two regions the
+single balancer (sglang, round robin) sits in the first one, behind delayed links: the same
+cross-region shares both ways, and its remote clients' round trip in the TTFTs both ways.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import require_vllm
@@ -54,19 +57,22 @@ def _two_turns(path: Path) -> Path:
     return path
 
 
-def _hit_rates(tmp_path: Path, name: str, *extra: str) -> dict[str, float]:
+def _bench(tmp_path: Path, name: str, *args: str) -> dict[str, dict[str, Any]]:
     p = argparse.ArgumentParser()
     add_bench_arguments(p)
     out = tmp_path / name
-    argv = [
-        "--trace", str(_trace(tmp_path / "trace.jsonl")), "--regions", "1",
-        "--replicas-per-region", "3", "--policies", POLICIES, "--out", str(out), "--quiet",
-        "--jobs", "1", *extra,
-    ]  # fmt: skip
+    argv = [*args, "--policies", POLICIES, "--out", str(out), "--quiet", "--jobs", "1"]
     assert main_bench(p.parse_args(argv)) == 0
-    report = json.loads((out / "report.json").read_text())
-    assert all(s["completed"] == 32 for s in report["policies"].values())
-    return {k: v["prefix_hit_rate"] for k, v in report["policies"].items()}
+    policies: dict[str, dict[str, Any]] = json.loads((out / "report.json").read_text())["policies"]
+    return policies
+
+
+def _hit_rates(tmp_path: Path, name: str, *extra: str) -> dict[str, float]:
+    trace = str(_trace(tmp_path / "trace.jsonl"))
+    args = ["--trace", trace, "--regions", "1", "--replicas-per-region", "3", *extra]
+    report = _bench(tmp_path, name, *args)
+    assert all(s["completed"] == 32 for s in report.values())
+    return {k: v["prefix_hit_rate"] for k, v in report.items()}
 
 
 def test_live_and_virtual_agree(tmp_path: Path) -> None:
@@ -78,6 +84,26 @@ def test_live_and_virtual_agree(tmp_path: Path) -> None:
     rank_l = sorted(live, key=lambda n: -live[n])
     assert rank_v == rank_l
     assert virtual["round-robin"] < min(virtual["skylb"], virtual["sglang"])
+
+
+def test_single_balancer_across_regions_live_and_virtual_agree(tmp_path: Path) -> None:
+    trace = str(_trace(tmp_path / "trace.jsonl", turns=6, conversations=6))
+    args = ["--trace", trace, "--regions", "us,eu", "--region-weights", "0.5,0.5",
+            "--replicas-per-region", "2", "--rtt-ms", "100"]  # fmt: skip
+    virtual = _bench(tmp_path, "virtual", *args)
+    live = _bench(tmp_path, "live", *args, "--live", "--time-scale", "4")
+    for name, v in virtual.items():
+        got = live[name]
+        assert v["completed"] == got["completed"] == 36
+        assert abs(got["prefix_hit_rate"] - v["prefix_hit_rate"]) <= 0.1 * v["prefix_hit_rate"]
+        assert got["cross_region_fraction"] == pytest.approx(v["cross_region_fraction"], abs=0.1)
+        assert got["ttft_s"]["p50"] == pytest.approx(v["ttft_s"]["p50"], rel=0.35), name
+    for report in (virtual, live):
+        # skylb serves every client in its region; the one balancer in us sends some of the
+        # requests across, and its eu clients pay the 200 ms round trip to reach it.
+        assert report["skylb"]["cross_region_fraction"] == 0.0
+        assert report["sglang"]["cross_region_fraction"] > 0.1
+        assert report["sglang"]["ttft_s"]["p50"] > report["skylb"]["ttft_s"]["p50"] + 0.1
 
 
 @pytest.mark.vllm
