@@ -13,6 +13,7 @@ from typing import Any
 import aiohttp
 import grpc
 import pytest
+from admin_client import AdminClient
 from aiohttp import web
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -72,7 +73,7 @@ def make_config(
 
 
 @dataclass
-class Harness:
+class Harness(AdminClient):
     replicas: list[FakeReplica]
     ports: dict[str, int]
     channel: grpc.aio.Channel
@@ -82,15 +83,9 @@ class Harness:
     def __post_init__(self) -> None:
         self.stub = external_processor_pb2_grpc.ExternalProcessorStub(self.channel)
 
-    async def get(self, path: str) -> tuple[int, str]:
-        async with self.http.get(f"http://127.0.0.1:{self.ports['admin']}{path}") as response:
-            return response.status, await response.text()
-
-    async def state(self) -> dict[str, Any]:
-        status, text = await self.get("/state")
-        assert status == 200
-        result: dict[str, Any] = json.loads(text)
-        return result
+    @property
+    def admin_port(self) -> int:
+        return self.ports["admin"]
 
     async def replica(self, name: str) -> dict[str, Any]:
         rows: list[dict[str, Any]] = (await self.state())["replicas"]

@@ -21,6 +21,7 @@ from typing import Any
 import aiohttp
 import grpc
 import pytest
+from admin_client import AdminClient
 from aiohttp import web
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc
 from test_server import CHAT, FakeReplica, body, destination, eventually, read
@@ -44,7 +45,7 @@ SECRET = b"test-secret"
 
 
 @dataclass
-class Region:
+class Region(AdminClient):
     name: str
     replica: FakeReplica
     server: RunningServer
@@ -55,16 +56,9 @@ class Region:
     def stub(self) -> Any:
         return external_processor_pb2_grpc.ExternalProcessorStub(self.channel)
 
-    async def get(self, path: str, headers: dict[str, str] | None = None) -> tuple[int, str]:
-        url = f"http://127.0.0.1:{self.server.ports['admin']}{path}"
-        async with self.http.get(url, headers=headers) as response:
-            return response.status, await response.text()
-
-    async def state(self) -> dict[str, Any]:
-        status, text = await self.get("/state")
-        assert status == 200
-        result: dict[str, Any] = json.loads(text)
-        return result
+    @property
+    def admin_port(self) -> int:
+        return self.server.ports["admin"]
 
     async def metric(self, line: str) -> bool:
         return line in (await self.get("/metrics"))[1]
