@@ -10,6 +10,7 @@ from dataclasses import replace
 
 import pytest
 
+from skylb_extproc.sim import window
 from skylb_extproc.sim.model import Finished, ReplicaEngine, SimEvent
 from skylb_extproc.sim.profiles import PROFILES, TINY, Profile
 
@@ -125,3 +126,44 @@ def test_woken_only_for_outputs_with_catch_up_reads() -> None:
     assert got == want and len(got) == 40
     assert got_seen == want_seen
     assert fast_wakes * 5 < ref_wakes  # most decode steps were skipped, not visited
+
+
+def test_conversation_turns_waiting_on_a_running_answer(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Next turns (prompt + part of a previous answer) queue for blocks while the answer they
+    extend is still decoding: caching its next block may let them in, so windows must end
+    there. Identical call for call; the scenario must reach that case."""
+    reached = 0
+    head_limit = window._head_limit
+
+    def spy(running, head, blocked, pool, firsts, steps, bs):  # type: ignore[no-untyped-def]
+        nonlocal reached
+        cap = min((head.num_tokens - 1) // bs, len(head.hashes))
+        if blocked.hit_blocks < cap:
+            reached += any(head.hashes[blocked.hit_blocks] in r.hashes for r in running)
+        return head_limit(running, head, blocked, pool, firsts, steps, bs)
+
+    monkeypatch.setattr(window, "_head_limit", spy)
+    profile = replace(PROFILES["l4-llama3.1-8b"], num_gpu_blocks=40, max_model_len=40 * 16)
+    for seed in range(20):
+        rng = random.Random(seed)
+        fast, ref = _pair(profile, output_text=True)
+        t = 0.0
+        answered: list[tuple[str, int]] = []
+        for i in range(60):
+            t += rng.expovariate(4.0)
+            if answered and rng.random() < 0.7:
+                prompt, out = rng.choice(answered)
+                prompt += filler(0, rng.randint(1, out))
+            else:
+                prompt = f"s{rng.randint(0, 3)}-" * rng.randint(30, 80)
+            max_tokens = rng.randint(20, 120)
+            if len(prompt) // 4 + max_tokens >= profile.max_model_len:
+                continue
+            fast.add(f"r{i}", prompt, max_tokens, t)
+            ref.add(f"r{i}", prompt, max_tokens, t)
+            answered.append((prompt, max_tokens))
+            _same(fast, ref, fast.advance(t), ref.advance(t))
+        while (end := ref.next_event_time()) is not None:
+            assert fast.next_event_time() == end
+            _same(fast, ref, fast.advance(end), ref.advance(end))
+    assert reached > 0

@@ -173,7 +173,8 @@ def _head_limit(
     cap = min((head.num_tokens - 1) // bs, len(head.hashes))  # what BlockPool.match may use
     if blocked.hit_blocks < cap:
         wanted = head.hashes[blocked.hit_blocks]
-        for r, base in zip(running, (r.num_computed for r in running), strict=True):
+        for r in running:  # block j of r fills (and is cached) at step (j + 1) * bs - computed
+            base = r.num_computed
             for j in range(r.cached_blocks, min((base + steps) // bs, len(r.hashes))):
                 if r.hashes[j] == wanted:
                     steps = min(steps, (j + 1) * bs - base - 1)
