@@ -34,100 +34,28 @@ from __future__ import annotations
 from bisect import bisect_left, bisect_right
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 from skylb_extproc.sim.kvcache import BlockPool, block_hashes, estimate_tokens
 from skylb_extproc.sim.profiles import Profile
+from skylb_extproc.sim.state import (
+    Counters,
+    EngineMetrics,
+    Finished,
+    FirstToken,
+    SimEvent,
+    SimRequest,
+    Tokens,
+)
 from skylb_extproc.sim.window import Blocked, DecodeWindow, plan_window
 
-
-@dataclass(frozen=True, slots=True)
-class FirstToken:
-    """The request's first output token was sampled at `t` (end of its last prefill step)."""
-
-    request_id: str
-    t: float
-    cached_tokens: int
-    prompt_tokens: int
-
-
-@dataclass(frozen=True, slots=True)
-class Tokens:
-    """`n` more output tokens, the last of them sampled at `t`."""
-
-    request_id: str
-    t: float
-    n: int
-
-
-@dataclass(frozen=True, slots=True)
-class Finished:
-    """The request reached max_tokens at `t`; its blocks are freed (prompt blocks stay cached)."""
-
-    request_id: str
-    t: float
-    prompt_tokens: int
-    completion_tokens: int
-    cached_tokens: int
-
-
-SimEvent = FirstToken | Tokens | Finished
-
-
-@dataclass(frozen=True, slots=True)
-class EngineMetrics:
-    """What vLLM's /metrics would show; prefix-cache counters are in tokens, as vLLM's are."""
-
-    waiting: int
-    running: int
-    kv_usage: float
-    prefix_cache_queries: int
-    prefix_cache_hits: int
-    num_gpu_blocks: int
-    block_size: int
-    prompt_tokens_total: int
-    generation_tokens_total: int
-    finished_length: int  # request_success_total{finished_reason="length"}
-    finished_abort: int  # request_success_total{finished_reason="abort"}
-    num_preemptions: int
-
-
-@dataclass(slots=True, eq=False)
-class _Request:
-    rid: str
-    prompt_tokens: int
-    max_tokens: int
-    hashes: tuple[int, ...]
-    num_computed: int = 0
-    num_output: int = 0
-    cached_tokens: int = -1  # prefix hit at first admission (vLLM's num_cached_tokens)
-    preemptions: int = 0
-    cached_blocks: int = 0  # leading blocks of `blocks` registered in the prefix cache
-    done: bool = False
-    added_in: int = 0  # steps planned before it arrived (vLLM: it reaches the scheduler after)
-    hash_set: frozenset[int] | None = None  # `hashes` as a set, once a window needs it
-    blocks: list[int] = field(default_factory=list)
-
-    @property
-    def num_tokens(self) -> int:
-        return self.prompt_tokens + self.num_output
+__all__ = ["EngineMetrics", "Finished", "FirstToken", "ReplicaEngine", "SimEvent", "Tokens"]
 
 
 @dataclass(slots=True)
 class _Step:
     end: float
-    items: list[tuple[_Request, int]]
-
-
-@dataclass(slots=True)
-class _Counters:
-    queries: int = 0
-    hits: int = 0
-    prompt_tokens: int = 0
-    generation_tokens: int = 0
-    finished_length: int = 0
-    finished_abort: int = 0
-    preemptions: int = 0
+    items: list[tuple[SimRequest, int]]
 
 
 class ReplicaEngine:
@@ -148,9 +76,9 @@ class ReplicaEngine:
         self._output_text = output_text
         self._bs = profile.block_size
         self._pool = BlockPool(profile.num_gpu_blocks)
-        self._waiting: deque[_Request] = deque()
-        self._running: list[_Request] = []
-        self._requests: dict[str, _Request] = {}
+        self._waiting: deque[SimRequest] = deque()
+        self._running: list[SimRequest] = []
+        self._requests: dict[str, SimRequest] = {}
         self._step: _Step | None = None
         self._windows = windows
         self._window: DecodeWindow | None = None
@@ -161,7 +89,7 @@ class ReplicaEngine:
         self._last_now = float("-inf")
         self._events: list[SimEvent] = []
         self._pending_tokens: dict[str, list[float]] = {}  # rid -> [count, t of last]
-        self._c = _Counters()
+        self._c = Counters()
         self._reported = (0, 0, 0.0)  # waiting, running, kv usage as vLLM last published them
 
     # --- public API -----------------------------------------------------------------------
@@ -198,7 +126,7 @@ class ReplicaEngine:
             self._free_at = now
         # The answer's text is known up front: hash its blocks now, cache them as they fill.
         text = prompt + self._output_text(0, max_tokens) if self._output_text else prompt
-        req = _Request(request_id, tokens, max_tokens, block_hashes(text, self._bs))
+        req = SimRequest(request_id, tokens, max_tokens, block_hashes(text, self._bs))
         req.added_in = self._plans
         self._requests[request_id] = req
         self._waiting.append(req)
@@ -328,7 +256,7 @@ class ReplicaEngine:
         if self._windows and self._begin_window(start):
             return
         budget = self.profile.max_num_batched_tokens
-        items: list[tuple[_Request, int]] = []
+        items: list[tuple[SimRequest, int]] = []
         preempted = False
         i = 0
         while i < len(self._running) and budget > 0:
@@ -347,7 +275,7 @@ class ReplicaEngine:
             raise RuntimeError("scheduler made no progress")  # unreachable: see validate()
         self._step = _Step(start + self._step_seconds(items), items)
 
-    def _grow(self, req: _Request, n: int) -> tuple[bool, bool]:
+    def _grow(self, req: SimRequest, n: int) -> tuple[bool, bool]:
         """Allocate blocks for `n` more tokens of a running request, preempting from the tail.
 
         Returns (scheduled, preempted_any); scheduled is False when `req` itself was preempted.
@@ -364,7 +292,7 @@ class ReplicaEngine:
         self._cache_full_blocks(req, req.num_computed + n)
         return True, preempted_any
 
-    def _preempt(self, req: _Request) -> None:
+    def _preempt(self, req: SimRequest) -> None:
         self._pool.free(req.blocks)
         req.blocks = []
         req.num_computed = 0
@@ -373,7 +301,7 @@ class ReplicaEngine:
         self._c.preemptions += 1
         self._waiting.appendleft(req)
 
-    def _admit(self, items: list[tuple[_Request, int]], budget: int) -> int:
+    def _admit(self, items: list[tuple[SimRequest, int]], budget: int) -> int:
         """Admit waiting requests FCFS while budget, sequence slots and blocks allow."""
         while self._waiting and budget > 0 and len(self._running) < self.profile.max_num_seqs:
             req = self._waiting[0]
@@ -403,13 +331,13 @@ class ReplicaEngine:
     def _blocks_for(self, tokens: int) -> int:
         return -(-tokens // self._bs)
 
-    def _cache_full_blocks(self, req: _Request, computed_after: int) -> None:
+    def _cache_full_blocks(self, req: SimRequest, computed_after: int) -> None:
         full = min(computed_after // self._bs, len(req.hashes))
         for j in range(req.cached_blocks, full):
             self._pool.cache(req.blocks[j], req.hashes[j])
         req.cached_blocks = max(req.cached_blocks, full)
 
-    def _step_seconds(self, items: list[tuple[_Request, int]]) -> float:
+    def _step_seconds(self, items: list[tuple[SimRequest, int]]) -> float:
         decodes = tokens = 0
         context = attn = 0.0
         for req, n in items:
@@ -451,7 +379,7 @@ class ReplicaEngine:
     def _report(self, usage: float) -> tuple[int, int, float]:
         return len(self._waiting) - self._unconsidered, len(self._running), usage
 
-    def _on_token(self, req: _Request, t: float) -> None:
+    def _on_token(self, req: SimRequest, t: float) -> None:
         if req.num_output == 1:
             self._c.prompt_tokens += req.prompt_tokens
             self._events.append(FirstToken(req.rid, t, req.cached_tokens, req.prompt_tokens))
@@ -463,7 +391,7 @@ class ReplicaEngine:
             pending[0] += 1
             pending[1] = t
 
-    def _finish(self, req: _Request, t: float) -> None:
+    def _finish(self, req: SimRequest, t: float) -> None:
         pending = self._pending_tokens.pop(req.rid, None)
         if pending is not None:
             self._events.append(Tokens(req.rid, pending[1], int(pending[0])))

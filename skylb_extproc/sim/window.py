@@ -25,12 +25,9 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from itertools import islice
-from typing import TYPE_CHECKING
 
 from skylb_extproc.sim.kvcache import BlockPool
-
-if TYPE_CHECKING:
-    from skylb_extproc.sim.model import _Request
+from skylb_extproc.sim.state import SimRequest
 
 __all__ = ["Blocked", "DecodeWindow", "plan_window"]
 
@@ -39,7 +36,7 @@ __all__ = ["Blocked", "DecodeWindow", "plan_window"]
 class Blocked:
     """The queue's head failed admission for lack of blocks: with what, at which pool version."""
 
-    request: _Request
+    request: SimRequest
     pool_version: int
     budget: int
     hit_blocks: int  # the length of its cached prefix then, in blocks
@@ -49,7 +46,7 @@ class Blocked:
 class DecodeWindow:
     """Steps 1..len(ends) of a decode-only batch; step s ends at ends[s - 1]."""
 
-    batch: list[_Request]
+    batch: list[SimRequest]
     base: list[int]  # num_computed of batch[i] when the window was planned
     ends: list[float]
     schedule: dict[int, list[int]]  # step -> batch indices that allocate or fill a block then
@@ -89,8 +86,8 @@ def _steps_before_blocks(firsts: Sequence[int], count: int, limit: int, bs: int)
 
 def plan_window(
     *,
-    running: list[_Request],
-    head: _Request | None,
+    running: list[SimRequest],
+    head: SimRequest | None,
     admission_open: bool,
     blocked: Blocked | None,
     pool: BlockPool,
@@ -150,8 +147,8 @@ def plan_window(
 
 
 def _head_limit(
-    running: list[_Request],
-    head: _Request,
+    running: list[SimRequest],
+    head: SimRequest,
     blocked: Blocked,
     pool: BlockPool,
     firsts: list[int],

@@ -1,0 +1,102 @@
+"""What the replica model keeps and reports: per-request state, its events and its metrics."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+__all__ = [
+    "Counters",
+    "EngineMetrics",
+    "Finished",
+    "FirstToken",
+    "SimEvent",
+    "SimRequest",
+    "Tokens",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class FirstToken:
+    """The request's first output token was sampled at `t` (end of its last prefill step)."""
+
+    request_id: str
+    t: float
+    cached_tokens: int
+    prompt_tokens: int
+
+
+@dataclass(frozen=True, slots=True)
+class Tokens:
+    """`n` more output tokens, the last of them sampled at `t`."""
+
+    request_id: str
+    t: float
+    n: int
+
+
+@dataclass(frozen=True, slots=True)
+class Finished:
+    """The request reached max_tokens at `t`; its blocks are freed (prompt blocks stay cached)."""
+
+    request_id: str
+    t: float
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int
+
+
+SimEvent = FirstToken | Tokens | Finished
+
+
+@dataclass(frozen=True, slots=True)
+class EngineMetrics:
+    """What vLLM's /metrics would show; prefix-cache counters are in tokens, as vLLM's are."""
+
+    waiting: int
+    running: int
+    kv_usage: float
+    prefix_cache_queries: int
+    prefix_cache_hits: int
+    num_gpu_blocks: int
+    block_size: int
+    prompt_tokens_total: int
+    generation_tokens_total: int
+    finished_length: int  # request_success_total{finished_reason="length"}
+    finished_abort: int  # request_success_total{finished_reason="abort"}
+    num_preemptions: int
+
+
+@dataclass(slots=True, eq=False)
+class SimRequest:
+    """One request's state in the engine (vLLM's `Request`)."""
+
+    rid: str
+    prompt_tokens: int
+    max_tokens: int
+    hashes: tuple[int, ...]
+    num_computed: int = 0
+    num_output: int = 0
+    cached_tokens: int = -1  # prefix hit at first admission (vLLM's num_cached_tokens)
+    preemptions: int = 0
+    cached_blocks: int = 0  # leading blocks of `blocks` registered in the prefix cache
+    done: bool = False
+    added_in: int = 0  # steps planned before it arrived (vLLM: it reaches the scheduler after)
+    hash_set: frozenset[int] | None = None  # `hashes` as a set, once a window needs it
+    blocks: list[int] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return self.prompt_tokens + self.num_output
+
+
+@dataclass(slots=True)
+class Counters:
+    """The engine's cumulative counters (vLLM's Prometheus counters)."""
+
+    queries: int = 0
+    hits: int = 0
+    prompt_tokens: int = 0
+    generation_tokens: int = 0
+    finished_length: int = 0
+    finished_abort: int = 0
+    preemptions: int = 0
