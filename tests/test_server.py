@@ -375,6 +375,13 @@ async def test_graceful_stop_rejects_queued_and_drains_in_flight(fakes: list[Fak
         queued.cancel()  # as Envoy does after an immediate response
         assert (await harness.get("/readyz"))[0] == 503  # admin stays up during the grace
         assert not task.done()  # the routed stream is still open
+        # A request arriving during the grace gets skylb's JSON 503, not a refused stream
+        # (Envoy would answer that with its own 500).
+        late, _ = await buffered_request(harness)
+        answer = (await read(late)).immediate_response
+        assert answer.status.code == 503
+        assert "shutting down" in json.loads(answer.body)["error"]["message"]
+        late.cancel()
         await routed.done_writing()
         await asyncio.wait_for(task, 2.0)  # well within the 5 s grace: the drain ended it
     finally:

@@ -2,10 +2,13 @@
 HTTP, scrapers; and its graceful stop.
 
 Stop sequence (SIGTERM/SIGINT, or the `stop` event): gRPC health turns NOT_SERVING (so Envoy's
-health checks move traffic away), queued requests are rejected with 503 and later decisions too,
-the gRPC server stops accepting streams and lets open ones finish for `shutdown_grace_s` (with
-`response_trailer_mode: SEND` a stream lives as long as its HTTP response), then everything else
-closes.
+health checks move traffic away), queued requests are rejected with 503 and later decisions too.
+The gRPC server keeps accepting streams meanwhile, so a request that still arrives gets skylb's
+JSON 503 rather than the 500 Envoy answers when ext_proc refuses the stream, and open streams
+finish (with `response_trailer_mode: SEND` a stream lives as long as its HTTP response). That
+lasts until no stream has been open for `DRAIN_QUIET_S` (Envoy has stopped sending: health
+checks moved it away, or there is no traffic) or `shutdown_grace_s` ends; then the gRPC server
+cuts what is left, and everything else closes.
 """
 
 from __future__ import annotations
@@ -40,6 +43,8 @@ log = logging.getLogger(__name__)
 EXT_PROC_SERVICE = "envoy.service.ext_proc.v3.ExternalProcessor"
 HEALTH_SERVICES = ("", "liveness", "readiness", EXT_PROC_SERVICE)
 MIN_MESSAGE_BYTES = 64 * 1024 * 1024
+DRAIN_POLL_S = 0.05  # how often a graceful stop looks at the streams
+DRAIN_QUIET_S = 1.0  # a graceful stop ends once no stream has been open this long
 
 ReadyCallback = Callable[[dict[str, int]], None]
 
@@ -75,12 +80,24 @@ class RunningServer:
         await self.health.enter_graceful_shutdown()  # every service NOT_SERVING, for good
         self.driver.shutdown()
         log.info("stopping: %d streams open, grace %.1fs", self.driver.streams_active, grace_s)
-        await self.grpc_server.stop(grace_s)
+        await self._drain(grace_s)
+        await self.grpc_server.stop(0)
         await self.scraper.close()
         if self.poller is not None:
             await self.poller.close()
         self.driver.close()
         await self.admin.cleanup()
+
+
+    async def _drain(self, grace_s: float) -> None:
+        """Wait until no stream has been open for DRAIN_QUIET_S, at most `grace_s`."""
+        now = time.monotonic()
+        deadline, quiet_since, seen = now + grace_s, now, self.driver.streams_opened
+        while now < deadline and now - quiet_since < DRAIN_QUIET_S:
+            await asyncio.sleep(DRAIN_POLL_S)
+            now = time.monotonic()
+            if self.driver.streams_active or self.driver.streams_opened != seen:
+                quiet_since, seen = now, self.driver.streams_opened
 
 
 async def start_server(config: Config) -> RunningServer:

@@ -85,6 +85,7 @@ class Driver:
         self._timer: asyncio.TimerHandle | None = None
         self._armed: float | None = None
         self._streams = 0
+        self._streams_opened = 0  # ever: a graceful stop sees streams that came and went
         self._shutting_down = False
         metrics.attach_state(self.state)
 
@@ -99,6 +100,7 @@ class Driver:
 
     def stream_opened(self) -> None:
         self._streams += 1
+        self._streams_opened += 1
         self._metrics.streams_active.set(self._streams)
 
     def stream_closed(self) -> None:
@@ -108,6 +110,10 @@ class Driver:
     @property
     def streams_active(self) -> int:
         return self._streams
+
+    @property
+    def streams_opened(self) -> int:
+        return self._streams_opened
 
     @property
     def shutting_down(self) -> bool:

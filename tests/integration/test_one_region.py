@@ -351,6 +351,17 @@ async def test_killed_replica_gets_no_new_requests(fresh_region: RegionStack) ->
     print(f"kill test: {len(results)} requests, {len(errors)} failed around the kill: {errors[:3]}")
 
 
+async def test_requests_during_a_graceful_stop_get_json_503(fresh_region: RegionStack) -> None:
+    """SIGTERM to skylb: through real Envoy, a request during the grace gets skylb's JSON 503
+    (a refused ext_proc stream would make Envoy answer its own 500)."""
+    await assert_serving(fresh_region)
+    os.kill(fresh_region.skylb_pid, signal.SIGTERM)
+    await asyncio.sleep(0.3)  # the stop has begun; the grace (10 s) has not ended
+    status, _, body = await post_raw(fresh_region.listener + CHAT, json.dumps(chat_body()).encode())
+    assert status == 503, body[:300]
+    assert "shutting down" in assert_json_error(body, 503)["error"]["message"]
+
+
 # --- the demo command ---------------------------------------------------------------------------
 
 
