@@ -42,7 +42,6 @@ from skylb_extproc.stack import (
     collect_replicas,
     launch_replicas,
     model_of,
-    start_region,
     start_region_over,
 )
 from skylb_extproc.types import ReplicaSpec
@@ -105,10 +104,14 @@ def _start(sup: Supervisor, workdir: Path, policy: str, opts: LiveOptions) -> _S
         return _System(urls, own, mesh.region_of_replica(), model, spills=True)
     listeners: dict[str, str] = {}
     where: dict[str, str] = {}
-    for region in opts.regions:
-        rs = start_region(sup, workdir / region, replace(stack, region=region))
+    for region in opts.regions:  # replica names carry the region: x-inference-pod tells it
+        local = replace(stack, region=region)
+        children = launch_replicas(sup, local, prefix=f"{region}-")
+        specs = collect_replicas(children, stack.startup_timeout_s)
+        pids = {c.name: c.pid for c in children}
+        rs = start_region_over(sup, workdir / region, local, specs, pids)
         listeners[region] = rs.listener
-        where |= {rep.name: region for rep in rs.replicas}
+        where |= {spec.name: region for spec in specs}
     return _System(listeners, own, where, model)
 
 

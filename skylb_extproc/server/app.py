@@ -88,7 +88,6 @@ class RunningServer:
         self.driver.close()
         await self.admin.cleanup()
 
-
     async def _drain(self, grace_s: float) -> None:
         """Wait until no stream has been open for DRAIN_QUIET_S, at most `grace_s`."""
         now = time.monotonic()
