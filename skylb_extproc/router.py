@@ -218,7 +218,7 @@ class Router:
         """Decide queue heads until one must wait (FIFO) or the queue is empty."""
         out: list[Dispatch] = []
         while (entry := self._queue.head()) is not None:
-            if self._policy.waits and not self._load.any_available(now):
+            if self._policy.waits and not self._load.any_available(now, self._policy.pending_slack):
                 break  # a waiting policy can only Wait: skip the prefix match (the costly part)
             snapshot = self._snapshot(entry, now)
             decision = self._policy.decide(entry.request, snapshot, self._rng)

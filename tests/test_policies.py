@@ -29,10 +29,16 @@ NO_REPLICA = Reject(503, Outcome.NO_REPLICA, "")  # compared without the message
 
 
 def v(
-    name: str, *, up: bool = True, free: bool | None = None, f: int = 0, m: int = 0
+    name: str,
+    *,
+    up: bool = True,
+    free: bool | None = None,
+    f: int = 0,
+    m: int = 0,
+    p: int | None = None,
 ) -> ReplicaView:
     """A replica view: `up` healthy, `free` available (defaults to `up`), `f` in flight,
-    `m` matched blocks."""
+    `m` matched blocks, `p` pending (defaults to 0 if available, else 1)."""
     available = up if free is None else free
     return ReplicaView(
         name=name,
@@ -40,7 +46,7 @@ def v(
         healthy=up,
         available=available,
         in_flight=f,
-        pending=0 if available else 1,
+        pending=(0 if available else 1) if p is None else p,
         matched_blocks=m,
     )
 
@@ -113,6 +119,23 @@ SKYLB = [
          {"cache_threshold": 0.0}),
     Case("threshold-one-never", S, snap(v("r0", f=1), v("r1", f=3, m=10)),
          r("r0", "least_load"), {"cache_threshold": 1.0}),
+    # affinity_slack 1: a prefix holder with one pending request takes the prompt anyway.
+    Case("slack-holder-one-pending", S,
+         snap(v("r0", f=3), v("r1", free=False, m=10), v("r2", f=1, m=2)), r("r1", "prefix"),
+         {"affinity_slack": 1}),
+    Case("slack-holder-while-none-available", S,
+         snap(v("r0", free=False), v("r1", free=False, m=10)), r("r1", "prefix"),
+         {"affinity_slack": 1}),
+    Case("slack-holder-two-pending", S,
+         snap(v("r0", f=3), v("r1", free=False, p=2, m=10), v("r2", f=1, m=2)),
+         r("r2", "least_load"), {"affinity_slack": 1}),
+    Case("slack-low-match-still-waits", S, snap(v("r0", free=False, m=5)), WAIT,
+         {"affinity_slack": 1}),
+    Case("slack-unhealthy-holder-ignored", S, snap(v("r0", up=False, p=0, m=10), v("r1", f=2)),
+         r("r1", "least_load"), {"affinity_slack": 3}),
+    Case("slack-available-holder-first", S,
+         snap(v("r0", free=False, m=9), v("r1", f=4, m=9)), r("r1", "prefix"),
+         {"affinity_slack": 1}),
 ]
 
 PREFIX_AFFINITY = [
@@ -261,7 +284,7 @@ def test_selective_consistent_hash_waits() -> None:
 
 def test_defaults() -> None:
     skylb = make_policy("skylb", {})
-    assert vars(skylb) == {"cache_threshold": 0.5}
+    assert vars(skylb) == {"cache_threshold": 0.5, "pending_slack": 0}
     sglang = make_policy("prefix_affinity", {})
     assert vars(sglang) == {
         "cache_threshold": 0.3,
@@ -280,6 +303,8 @@ def test_defaults() -> None:
         ("skylb", {"cache_threshold": "high"}, "policy.params.cache_threshold"),
         ("skylb", {"cache_threshold": True}, "policy.params.cache_threshold"),
         ("skylb", {"cache_threshold": 1.5}, "policy.params.cache_threshold"),
+        ("skylb", {"affinity_slack": -1}, "policy.params.affinity_slack"),
+        ("skylb", {"affinity_slack": 0.5}, "policy.params.affinity_slack"),
         ("prefix_affinity", {"balance_abs_threshold": 1.5}, "policy.params.balance_abs_threshold"),
         ("prefix_affinity", {"balance_abs_threshold": -1}, "policy.params.balance_abs_threshold"),
         ("prefix_affinity", {"balance_rel_threshold": -0.1}, "policy.params.balance_rel_threshold"),
@@ -297,4 +322,4 @@ def test_bad_params_name_the_key(name: str, params: dict[str, object], path: str
 
 def test_int_accepted_for_float_params() -> None:
     policy = make_policy("skylb", {"cache_threshold": 1})
-    assert vars(policy) == {"cache_threshold": 1.0}
+    assert vars(policy) == {"cache_threshold": 1.0, "pending_slack": 0}

@@ -122,6 +122,23 @@ def test_waits_when_nothing_available_then_dispatches_on_scrape() -> None:
     ]
 
 
+def test_affinity_slack_routes_to_a_busy_holder_when_nothing_is_available() -> None:
+    """The 'nothing available' shortcut must not skip a policy that may take a holder."""
+    router = make(params={"affinity_slack": 1})
+    assert router.on_request(chat("a", P), 1.0) == [routed("a", "r0", "least_load")]
+    for name in ("r1", "r2"):
+        router.on_scrape(name, BUSY, started_at=1.1, now=1.2)
+    # r0: one dispatch of ours not yet seen by a scrape -> pending 1, not available.
+    assert router.on_request(chat("b", P + "more"), 1.3) == [
+        routed("b", "r0", "prefix", matched=32 / 39)
+    ]
+    paper = make()
+    assert paper.on_request(chat("a", P), 1.0) == [routed("a", "r0", "least_load")]
+    for name in ("r1", "r2"):
+        paper.on_scrape(name, BUSY, started_at=1.1, now=1.2)
+    assert paper.on_request(chat("b", P + "more"), 1.3) == []  # waits
+
+
 def test_waiting_request_goes_when_a_dispatch_starts_or_finishes() -> None:
     router = make(replicas=1)
     assert router.on_request(chat("a", P), 1.0) == [routed("a", "r0", "least_load")]

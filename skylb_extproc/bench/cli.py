@@ -20,7 +20,7 @@ from skylb_extproc.bench.regions import RttMatrix, parse_regions, parse_weights
 from skylb_extproc.bench.report import build_report, diagnostics, render_markdown, write_json
 from skylb_extproc.bench.runner import RunSpec, run_all
 from skylb_extproc.bench.search import find_min_replicas
-from skylb_extproc.bench.topology import POLICIES
+from skylb_extproc.bench.topology import POLICIES, SYSTEMS
 from skylb_extproc.bench.trace import TraceRequest, detect_format
 from skylb_extproc.bench.workloads import FORMATS, WorkloadSpec, build_workload
 from skylb_extproc.sim.profiles import PROFILES
@@ -81,9 +81,9 @@ def _specs(args: argparse.Namespace) -> tuple[WorkloadSpec, list[RunSpec]]:
     weights = parse_weights(args.region_weights, regions)
     RttMatrix.parse(args.rtt_ms, regions)  # validate early
     policies = [p.strip() for p in args.policies.split(",") if p.strip()]
-    unknown = [p for p in policies if p not in POLICIES]
+    unknown = [p for p in policies if p not in SYSTEMS]
     if unknown or not policies:
-        raise _Usage(f"--policies: unknown {unknown}; choose from {', '.join(POLICIES)}")
+        raise _Usage(f"--policies: unknown {unknown}; choose from {', '.join(SYSTEMS)}")
     if args.replicas_per_region < 1:
         raise _Usage("--replicas-per-region must be >= 1")
     if args.limit is not None and args.limit < 1:

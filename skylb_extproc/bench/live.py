@@ -54,6 +54,7 @@ _PER_REGION: dict[str, tuple[str, dict[str, Any], str | None]] = {
     "skylb-ch": ("consistent_hash", {"selective": True}, "hash"),
     "skylb-cost": ("skylb", {}, "cost"),
     "region-local": ("prefix_affinity", {}, None),
+    "skylb-affinity": ("skylb", {"affinity_slack": 1}, "prefix"),
 }
 _SINGLE_LB: dict[str, str] = {
     "least-load": "least_load",

@@ -10,11 +10,16 @@
 | round-robin | same | `round_robin` | blind | via the one LB |
 | consistent-hash | same | `consistent_hash` | blind | via the one LB |
 | sglang | same | `prefix_affinity` | blind | via the one LB |
+| skylb-affinity (on request) | as skylb | `skylb` with `affinity_slack: 1` | selective | as skylb |
 
 `region-local` stands for the GKE/GIE-style per-region gateway: it scores replicas by prefix and
 load and pushes at once (the gateway keeps no queue of its own), and never leaves its region.
 The single-balancer baselines sit in the first region, as the paper's ran in us-east-2, so
 clients of other regions pay the RTT to it and it pays the RTT to other regions' replicas.
+
+`skylb-affinity` is run only when named in `--policies` (the default list is the eight above): the
+paper's skylb, except that a replica holding more than `cache_threshold` of the prompt also takes
+it with one request pending (policy/skylb.py).
 
 `skylb-cost` is our extension (region/cost.py): it spills only when a peer's expected TTFT (RTT
 + its queue wait + uncached prefill) beats waiting at home, with hysteresis; its prefill speed
@@ -44,7 +49,7 @@ from skylb_extproc.sim.model import ReplicaEngine
 from skylb_extproc.sim.profiles import Profile
 from skylb_extproc.types import ReplicaSpec
 
-__all__ = ["BENCH_ROUTER_SETTINGS", "POLICIES", "System", "build_system"]
+__all__ = ["BENCH_ROUTER_SETTINGS", "POLICIES", "SYSTEMS", "System", "build_system"]
 
 Mode = Literal["prefix", "hash", "cost"]
 # name -> (router policy, its params, one balancer per region?, spill mode or None)
@@ -57,8 +62,10 @@ _TABLE: dict[str, tuple[str, dict[str, object], bool, Mode | None]] = {
     "round-robin": ("round_robin", {}, False, None),
     "consistent-hash": ("consistent_hash", {}, False, None),
     "sglang": ("prefix_affinity", {}, False, None),
+    "skylb-affinity": ("skylb", {"affinity_slack": 1}, True, "prefix"),
 }
-POLICIES: tuple[str, ...] = tuple(_TABLE)
+SYSTEMS: tuple[str, ...] = tuple(_TABLE)
+POLICIES: tuple[str, ...] = SYSTEMS[:8]  # what runs unless --policies names others
 
 # The live server's defaults except the queue bounds (confirm_on_headers stays off, as for vLLM,
 # which sends response headers on accept). Waiting is part of the latency being measured, so

@@ -31,6 +31,9 @@ class RoutingPolicy(Protocol):
 
     name: str
     waits: bool  # True: selective pushing (decides among *available* replicas, may return Wait)
+    # A waiting policy may also route to a healthy replica with up to this many pending
+    # requests (the router's "nothing available" shortcut must not skip it); 0 = available only.
+    pending_slack: int
 
     def decide(self, request: RouteRequest, snapshot: Snapshot, rng: random.Random) -> Decision:
         """Route, Wait or Reject; must not mutate anything."""

@@ -27,6 +27,7 @@ class LeastLoadPolicy:
 
     name = "least_load"
     waits = False
+    pending_slack = 0
 
     def decide(self, request: RouteRequest, snapshot: Snapshot, rng: random.Random) -> Decision:
         chosen = least_loaded((v for v in snapshot.replicas if v.healthy), snapshot.decisions)

@@ -50,6 +50,7 @@ class PrefixAffinityPolicy:
 
     name = "prefix_affinity"
     waits = False
+    pending_slack = 0
 
     def __init__(
         self,

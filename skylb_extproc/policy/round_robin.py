@@ -29,6 +29,7 @@ class RoundRobinPolicy:
 
     name = "round_robin"
     waits = False
+    pending_slack = 0
 
     def decide(self, request: RouteRequest, snapshot: Snapshot, rng: random.Random) -> Decision:
         healthy = [v for v in snapshot.replicas if v.healthy]

@@ -8,6 +8,10 @@ Algorithm (SkyLB paper §3.3 + its `PrefixTreePolicy`, as evaluated in the final
   2. If the best prefix match among candidates covers more than `cache_threshold` of the prompt
      (matched_blocks * block_chars / prompt_chars, strictly greater, as SkyLB/SGLang) -> the
      best-matching candidate; ties by fewest in-flight, then config order. reason "prefix".
+     With `affinity_slack` k > 0 (ours, not the paper's), a healthy replica with at most k
+     pending requests is a candidate for this step too, though not available (on equal matches
+     an available one goes first): a long prompt whose prefix it holds costs it little, where
+     another replica would prefill it all.
   3. Else the least in-flight candidate (ties rotate with the decision count, so new
      conversations on an idle pool spread instead of all starting on the first replica): a low
      match is the moment to explore an under-used replica (paper §5.1). reason "least_load".
@@ -15,8 +19,10 @@ Algorithm (SkyLB paper §3.3 + its `PrefixTreePolicy`, as evaluated in the final
 There is no load-imbalance override: SkyLB enables it only for its blind-pushing variants, and
 selective pushing already keeps every replica at its own capacity.
 
-Parameters: `cache_threshold` (float in [0, 1], default 0.5 — SkyLB's `PrefixTreeConfig`).
-Reads: `ReplicaView.available`, `.matched_blocks`, `.in_flight`; `Snapshot.prompt_chars`,
+Parameters: `cache_threshold` (float in [0, 1], default 0.5 — SkyLB's `PrefixTreeConfig`);
+`affinity_slack` (int >= 0, default 0 = the paper's rule; docs/benchmarks.md measures 1).
+Reads: `ReplicaView.available`, `.healthy`, `.pending`, `.matched_blocks`, `.in_flight`;
+`Snapshot.prompt_chars`,
 `.block_chars`. Ignores `rng` (ties are deterministic).
 Decisions: `Route` or `Wait`; never `Reject`.
 """
@@ -28,7 +34,6 @@ from collections.abc import Mapping
 
 from skylb_extproc.policy.common import (
     ParamReader,
-    best_match,
     least_loaded,
     matched_fraction,
     route,
@@ -44,16 +49,27 @@ class SkyLBPolicy:
     name = "skylb"
     waits = True
 
-    def __init__(self, *, cache_threshold: float = 0.5) -> None:
+    def __init__(self, *, cache_threshold: float = 0.5, affinity_slack: int = 0) -> None:
         self.cache_threshold = cache_threshold
+        self.pending_slack = affinity_slack
 
     def decide(self, request: RouteRequest, snapshot: Snapshot, rng: random.Random) -> Decision:
         candidates = [v for v in snapshot.replicas if v.available]
-        if not candidates:
-            return Wait()
-        best = best_match(candidates)
+        slack = self.pending_slack
+        holders = [
+            v for v in snapshot.replicas if v.available or (v.healthy and v.pending <= slack)
+        ]
+        # Most matched blocks; on a tie an available replica, then fewest in flight (with no
+        # slack every holder is available: common.best_match's order).
+        best = min(
+            (v for v in holders if v.matched_blocks > 0),
+            key=lambda v: (-v.matched_blocks, not v.available, v.in_flight),
+            default=None,
+        )
         if best is not None and matched_fraction(best, snapshot) > self.cache_threshold:
             return route(best, "prefix")
+        if not candidates:
+            return Wait()
         chosen = least_loaded(candidates, snapshot.decisions)
         assert chosen is not None  # candidates is not empty
         return route(chosen, "least_load")
@@ -61,6 +77,9 @@ class SkyLBPolicy:
 
 def create(params: Mapping[str, object]) -> SkyLBPolicy:
     reader = ParamReader(params)
-    policy = SkyLBPolicy(cache_threshold=reader.number("cache_threshold", 0.5, low=0.0, high=1.0))
+    policy = SkyLBPolicy(
+        cache_threshold=reader.number("cache_threshold", 0.5, low=0.0, high=1.0),
+        affinity_slack=reader.integer("affinity_slack", 0, low=0),
+    )
     reader.finish()
     return policy

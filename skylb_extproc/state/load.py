@@ -163,11 +163,12 @@ class LoadTracker:
         """Whether views(now) has a healthy replica (without building the views)."""
         return any(self._healthy(s, now) for s in self._replicas.values())
 
-    def any_available(self, now: float) -> bool:
-        """Whether views(now) has an available replica (without building the views)."""
+    def any_available(self, now: float, slack: int = 0) -> bool:
+        """Whether views(now) has an available replica, or a healthy one with at most `slack`
+        pending requests (without building the views)."""
+        most = max(self._max_pending, slack)
         return any(
-            self._healthy(s, now) and self._pending(s) <= self._max_pending
-            for s in self._replicas.values()
+            self._healthy(s, now) and self._pending(s) <= most for s in self._replicas.values()
         )
 
     def replica(self, name: str) -> ReplicaSpec:
