@@ -103,17 +103,13 @@ def _start(sup: Supervisor, workdir: Path, policy: str, opts: LiveOptions) -> _S
         )  # fmt: skip
         urls = {r.name: r.listener for r in mesh.regions}
         return _System(urls, own, mesh.region_of_replica(), model, spills=True)
+    replicas, pids = _start_replicas(sup, stack, opts.regions)
     listeners: dict[str, str] = {}
-    where: dict[str, str] = {}
-    for region in opts.regions:  # replica names carry the region: x-inference-pod tells it
-        local = replace(stack, region=region)
-        children = launch_replicas(sup, local, prefix=f"{region}-")
-        specs = collect_replicas(children, stack.startup_timeout_s)
-        pids = {c.name: c.pid for c in children}
-        rs = start_region_over(sup, workdir / region, local, specs, pids)
+    for region, specs in replicas.items():
+        mine = {spec.name: pids[spec.name] for spec in specs}
+        rs = start_region_over(sup, workdir / region, replace(stack, region=region), specs, mine)
         listeners[region] = rs.listener
-        where |= {spec.name: region for spec in specs}
-    return _System(listeners, own, where, model)
+    return _System(listeners, own, _region_of(replicas), model)
 
 
 def _start_single(
@@ -121,26 +117,35 @@ def _start_single(
 ) -> _System:
     """One balancer in the first region over every region's replicas, the others via links."""
     home = opts.regions[0]
-    launched = {r: launch_replicas(sup, stack, prefix=f"{r}-") for r in opts.regions}
-    replicas = {r: collect_replicas(cs, stack.startup_timeout_s) for r, cs in launched.items()}
-    where = {spec.name: r for r, specs in replicas.items() for spec in specs}
+    replicas, pids = _start_replicas(sup, stack, opts.regions)
     links = {
         spec.name: (spec, 2000.0 * opts.rtt.one_way(home, r) / opts.time_scale)
         for r in opts.regions[1:]
         for spec in replicas[r]
     }
     linked = start_links(sup, workdir, links, stack.startup_timeout_s)
-    specs: list[ReplicaSpec] = [
-        linked.get(spec.name, spec) for r in opts.regions for spec in replicas[r]
-    ]
-    pids = {c.name: c.pid for cs in launched.values() for c in cs}
+    specs = [linked.get(spec.name, spec) for r in opts.regions for spec in replicas[r]]
     rs = start_region_over(sup, workdir / home, replace(stack, region=home), specs, pids)
     return _System(
         dict.fromkeys(opts.regions, rs.listener),
         dict.fromkeys(opts.regions, home),
-        where,
+        _region_of(replicas),
         model_of(opts.profile),
     )
+
+
+def _start_replicas(
+    sup: Supervisor, stack: StackOptions, regions: Sequence[str]
+) -> tuple[dict[str, list[ReplicaSpec]], dict[str, int]]:
+    """Every region's replicas, started side by side and named by region (x-inference-pod then
+    tells where a request was served); returns them per region, and their pids by name."""
+    launched = {r: launch_replicas(sup, stack, prefix=f"{r}-") for r in regions}
+    replicas = {r: collect_replicas(cs, stack.startup_timeout_s) for r, cs in launched.items()}
+    return replicas, {c.name: c.pid for cs in launched.values() for c in cs}
+
+
+def _region_of(replicas: Mapping[str, Sequence[ReplicaSpec]]) -> dict[str, str]:
+    return {spec.name: region for region, specs in replicas.items() for spec in specs}
 
 
 def _pairs_ms(opts: LiveOptions) -> dict[frozenset[str], float]:

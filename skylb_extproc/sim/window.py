@@ -78,12 +78,6 @@ def _last_fitting_step(firsts: Sequence[int], limit: int, free: int, bs: int) ->
     return lo
 
 
-def _steps_before_blocks(firsts: Sequence[int], count: int, limit: int, bs: int) -> int:
-    """Steps (<= limit) that together take fewer than `count + 1` blocks: the step that takes the
-    block at position `count` of the free queue is the first one left out."""
-    return _last_fitting_step(firsts, limit, count, bs)
-
-
 def plan_window(
     *,
     running: list[SimRequest],
@@ -164,8 +158,8 @@ def _head_limit(
         # (cutting at any of them, hit or not, is merely early).
         for i, b in enumerate(islice(pool.free_order(), taken)):
             h = pool.hash_of(b)
-            if h is not None and h in head.hash_set:
-                steps = min(steps, _steps_before_blocks(firsts, i, steps, bs))
+            if h is not None and h in head.hash_set:  # steps taking at most i blocks stay
+                steps = min(steps, _last_fitting_step(firsts, steps, i, bs))
                 break
     cap = min((head.num_tokens - 1) // bs, len(head.hashes))  # what BlockPool.match may use
     if blocked.hit_blocks < cap:
