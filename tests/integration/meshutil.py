@@ -120,7 +120,9 @@ async def fill_directly(stack: RegionStack, stop: asyncio.Event) -> None:
                 async with session.post(url, json=body) as r:
                     await r.read()
 
-        await asyncio.gather(*(worker(r.address, k) for r in stack.replicas for k in range(3)))
+        # Five per replica (its batch holds two): the queue stays non-empty even when a loaded
+        # machine delays some workers between two requests.
+        await asyncio.gather(*(worker(r.address, k) for r in stack.replicas for k in range(5)))
 
 
 async def wait_unavailable(stack: RegionStack, timeout_s: float = 5.0) -> None:
