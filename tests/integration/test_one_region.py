@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -285,6 +286,19 @@ async def test_body_over_the_limit_gets_413(limits_region: RegionStack) -> None:
     status, _, payload = await post_raw(limits_region.listener + CHAT, body)
     assert status == 413
     assert_json_error(payload, 413)
+
+    async def chunked() -> AsyncIterator[bytes]:
+        # No Content-Length, and more than Envoy's 1 MiB buffer: in BUFFERED mode Envoy itself
+        # answers 413 (its local reply made JSON), in duplex skylb does.
+        for _ in range(160):
+            yield body[:8192]
+
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(limits_region.listener + CHAT, data=chunked()) as resp,
+    ):
+        assert resp.status == 413
+        assert_json_error(await resp.read(), 413)
     await wait_all_available(limits_region, timeout_s=10)
     await assert_serving(limits_region, TINY_MODEL)
 
@@ -349,6 +363,15 @@ async def test_killed_replica_gets_no_new_requests(fresh_region: RegionStack) ->
     assert all(r.ok and r.replica != victim.name for r in late), [r.error for r in late if not r.ok]
     errors = [r.error for r in results if not r.ok]
     print(f"kill test: {len(results)} requests, {len(errors)} failed around the kill: {errors[:3]}")
+
+
+async def test_unreachable_balancer_gets_json_500(fresh_region: RegionStack) -> None:
+    """Envoy's own answer when skylb is gone has skylb's JSON shape (local_reply_config)."""
+    await assert_serving(fresh_region)
+    os.kill(fresh_region.skylb_pid, signal.SIGKILL)
+    status, _, body = await post_raw(fresh_region.listener + CHAT, json.dumps(chat_body()).encode())
+    assert status == 500
+    assert "cannot be reached" in assert_json_error(body, 500)["error"]["message"]
 
 
 async def test_requests_during_a_graceful_stop_get_json_503(fresh_region: RegionStack) -> None:
