@@ -384,11 +384,15 @@ class ReplicaEngine:
             self._c.prompt_tokens += req.prompt_tokens
             self._events.append(FirstToken(req.rid, t, req.cached_tokens, req.prompt_tokens))
             return
-        pending = self._pending_tokens.get(req.rid)
+        self._add_tokens(req.rid, 1, t)
+
+    def _add_tokens(self, rid: str, n: int, t: float) -> None:
+        """`n` more tokens of `rid`, the last sampled at `t`, for the next Tokens event."""
+        pending = self._pending_tokens.get(rid)
         if pending is None:
-            self._pending_tokens[req.rid] = [1, t]
+            self._pending_tokens[rid] = [n, t]
         else:
-            pending[0] += 1
+            pending[0] += n
             pending[1] = t
 
     def _finish(self, req: SimRequest, t: float) -> None:
@@ -479,12 +483,7 @@ class ReplicaEngine:
         for i, req in enumerate(w.batch):
             req.num_computed = w.base[i] + through
             req.num_output += d
-            pending = self._pending_tokens.get(req.rid)
-            if pending is None:
-                self._pending_tokens[req.rid] = [d, t]
-            else:
-                pending[0] += d
-                pending[1] = t
+            self._add_tokens(req.rid, d, t)
         self._c.generation_tokens += d * len(w.batch)
         w.finished = through
         self._free_at = t
