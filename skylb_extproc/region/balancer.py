@@ -230,7 +230,7 @@ class RegionBalancer:
 
     def _walk(self, now: float) -> list[Action]:
         rescue = not self.router.any_healthy(now)
-        out: list[Forwarding] = []
+        out: list[Action] = []
         skipped = 0
         # The queue is not changed while walked (it can be long, and most walks stop at the
         # head): forwarded requests leave it afterwards, and each decision counts those before.
@@ -251,9 +251,9 @@ class RegionBalancer:
                 break  # FIFO: the head stays, and nothing behind it has more choice
             else:
                 skipped += 1
-        for forwarding in out:
-            self.router.take(forwarding.request_id)
-        return list(out)
+        for action in out:
+            self.router.take(action.request_id)
+        return out
 
     def _may_leave(self, allowed: frozenset[str] | None) -> bool:
         return allowed is None or any(r != self.region for r in allowed)
