@@ -64,6 +64,12 @@ class ScrapedMetrics:
     num_gpu_blocks: int | None = None  # from vllm:cache_config_info
     prefix_hits: float | None = None  # vllm:prefix_cache_hits_total (tokens)
     prefix_queries: float | None = None  # vllm:prefix_cache_queries_total (tokens)
+    # Counters a replica's speed is learned from (state/speed.py); None when not exported.
+    prompt_tokens: float | None = None  # vllm:prompt_tokens_total | sglang:prompt_tokens_total
+    generation_tokens: float | None = None  # vllm:generation_tokens_total | sglang:gen..._total
+    prefill_seconds_sum: float | None = None  # vllm:request_prefill_time_seconds_sum
+    prefill_seconds_count: float | None = None  # vllm:request_prefill_time_seconds_count
+    decode_seconds_sum: float | None = None  # vllm:request_decode_time_seconds_sum
 
 
 @dataclass(frozen=True, slots=True)
