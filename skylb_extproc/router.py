@@ -20,6 +20,7 @@ counted as pending (they never wait in an engine's batch queue), else 503 NO_REP
 
 from __future__ import annotations
 
+import itertools
 import math
 import random
 from collections.abc import Iterator, Sequence
@@ -28,7 +29,12 @@ from dataclasses import dataclass
 from skylb_extproc.dispatch.queue import Queued, WaitQueue
 from skylb_extproc.hashing import block_hashes, key_hash
 from skylb_extproc.policy.base import RoutingPolicy
-from skylb_extproc.policy.common import least_loaded, matched_fraction
+from skylb_extproc.policy.common import (
+    CHARS_PER_TOKEN,
+    least_loaded,
+    matched_fraction,
+    prefill_seconds,
+)
 from skylb_extproc.state.load import LoadTracker
 from skylb_extproc.state.prefix_index import PrefixIndex
 from skylb_extproc.types import (
@@ -49,8 +55,6 @@ __all__ = ["Router", "RouterSettings"]
 QUEUE_FULL = Reject(429, Outcome.QUEUE_FULL, "the load balancer's queue is full")
 DEADLINE = Reject(503, Outcome.DEADLINE, "no replica became available in time")
 NO_REPLICA = Reject(503, Outcome.NO_REPLICA, "no healthy replica")
-# Prompt tokens are estimated from characters (English text with Llama-3-style tokenizers: ~4).
-CHARS_PER_TOKEN = 4.0
 SHUTDOWN = Reject(503, Outcome.SHUTDOWN, "the load balancer is shutting down")
 
 
@@ -75,6 +79,14 @@ class RouterSettings:
     # A dispatch shows in a replica's metrics only in scrapes that begin this long after it:
     # engines update their gauges once per step, and the request has to reach the engine first.
     dispatch_visible_after_s: float = 0.1
+    # Each replica's speed before it is measured (the predictive policy's prior).
+    prefill_tokens_per_s: float = 4700.0
+    decode_step_s: float = 0.062
+    # A head that has waited this long is decided alone again (no request behind it jumps it).
+    bypass_after_s: float = 10.0
+    # Bound each replica's prefix index by its KV cache (scraped cache_config_info): an index
+    # larger than the cache promises hits the engine has long evicted.
+    index_follows_kv: bool = True
 
 
 class Router:
@@ -98,6 +110,8 @@ class Router:
             max_pending=settings.max_pending,
             kv_headroom=settings.kv_headroom,
             visible_after_s=settings.dispatch_visible_after_s,
+            prefill_tokens_per_s=settings.prefill_tokens_per_s,
+            decode_step_s=settings.decode_step_s,
         )
         self._index = PrefixIndex(
             max_blocks_per_target=settings.index_blocks_per_replica, ttl_s=settings.index_ttl_s
@@ -141,6 +155,10 @@ class Router:
     ) -> list[Dispatch]:
         """A scrape of `replica` that began at `started_at` ended at `now` (None: it failed)."""
         self._load.on_scrape(replica, metrics, started_at=started_at, now=now)
+        if self._settings.index_follows_kv and metrics and metrics.num_gpu_blocks:
+            tokens = metrics.num_gpu_blocks * (metrics.block_size or 16)
+            blocks = int(tokens * CHARS_PER_TOKEN) // self._settings.block_chars
+            self._index.set_capacity(replica, blocks)
         return self._advance(now) + self._poll(now)
 
     def on_timer(self, now: float) -> list[Dispatch]:
@@ -215,32 +233,53 @@ class Router:
         ]
 
     def _poll(self, now: float) -> list[Dispatch]:
-        """Decide queue heads until one must wait (FIFO) or the queue is empty."""
+        """Decide waiting requests until none of the window can go (or the queue is empty).
+
+        The window is the head alone, or the first 1 + `policy.lookahead` requests while the
+        head has waited less than `bypass_after_s`; after each answer it starts again from the
+        head, which always gets the first chance."""
         out: list[Dispatch] = []
-        while (entry := self._queue.head()) is not None:
+        while (head := self._queue.head()) is not None:
             if self._policy.waits and not self._load.any_available(now, self._policy.pending_slack):
                 break  # a waiting policy can only Wait: skip the prefix match (the costly part)
-            snapshot = self._snapshot(entry, now)
-            decision = self._policy.decide(entry.request, snapshot, self._rng)
-            if isinstance(decision, Wait):
+            window = 1
+            if now - head.arrived < self._settings.bypass_after_s:
+                window += self._policy.lookahead
+            answered = next(
+                (d for e in itertools.islice(self._queue, window) if (d := self._decide(e, now))),
+                None,
+            )
+            if answered is None:
                 break
-            self._queue.pop()
-            if isinstance(decision, Route):
-                out.append(self._dispatch(entry, decision, snapshot, now))
-            else:
-                out.append(Dispatch(entry.request.request_id, decision, now - entry.arrived))
+            out.append(answered)
         return out
+
+    def _decide(self, entry: Queued, now: float) -> Dispatch | None:
+        """The policy's answer for a waiting request (it leaves the queue), or None: Wait."""
+        snapshot = self._snapshot(entry, now)
+        decision = self._policy.decide(entry.request, snapshot, self._rng)
+        if isinstance(decision, Wait):
+            return None
+        self._queue.remove(entry.request.request_id)
+        if isinstance(decision, Route):
+            return self._dispatch(entry, decision, snapshot, now)
+        return Dispatch(entry.request.request_id, decision, now - entry.arrived)
 
     def _dispatch(self, entry: Queued, route: Route, snapshot: Snapshot, now: float) -> Dispatch:
         """Record a Route: count it as in flight and pending, remember its prefix there."""
         request_id = entry.request.request_id
         # What the request will hold in the replica's KV cache once its answer is complete.
-        tokens = math.ceil(len(entry.request.prompt) / CHARS_PER_TOKEN)
-        tokens += entry.request.max_tokens or 0
-        self._load.on_dispatch(route.replica, request_id, now, kv_tokens=tokens)
+        prompt_tokens = math.ceil(len(entry.request.prompt) / CHARS_PER_TOKEN)
+        chosen = next(v for v in snapshot.replicas if v.name == route.replica)
+        self._load.on_dispatch(
+            route.replica,
+            request_id,
+            now,
+            kv_tokens=prompt_tokens + (entry.request.max_tokens or 0),
+            prefill_s=prefill_seconds(chosen, snapshot),
+        )
         self._index.insert(route.replica, entry.hashes, now)
         self._decisions += 1
-        chosen = next(v for v in snapshot.replicas if v.name == route.replica)
         return Dispatch(
             request_id,
             route,

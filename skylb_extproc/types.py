@@ -83,6 +83,13 @@ class ReplicaView:
     in_flight: int  # requests this balancer sent there that have not finished
     pending: int  # scraped waiting + our dispatches not yet confirmed started
     matched_blocks: int = 0  # longest prefix of the request's block hashes this replica holds
+    # The replica's measured (or prior) speed: what the predictive policy turns tokens into time.
+    prefill_tokens_per_s: float = 4700.0
+    decode_step_s: float = 0.062
+    # Predicted seconds of prefill we sent there that has not finished yet (state/load.py).
+    backlog_s: float = 0.0
+    # Predicted seconds a request would wait in the engine's queue for KV blocks or a batch slot.
+    admit_wait_s: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)

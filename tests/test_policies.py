@@ -84,7 +84,7 @@ def same(decision: Decision, expected: Decision) -> bool:
     return decision == expected
 
 
-S, PA, LL, RR, CH = "skylb", "prefix_affinity", "least_load", "round_robin", "consistent_hash"
+S, PA, LL, RR, CH = "skylb_paper", "prefix_affinity", "least_load", "round_robin", "consistent_hash"
 WAIT = Wait()
 R0, R1, R2 = v("r0"), v("r1"), v("r2")
 THREE = (R0, R1, R2)
@@ -260,6 +260,7 @@ def test_ring_is_balanced_and_memoised() -> None:
     ("name", "waits"),
     [
         ("skylb", True),
+        ("skylb_paper", True),
         ("prefix_affinity", False),
         ("least_load", False),
         ("round_robin", False),
@@ -275,6 +276,7 @@ def test_selective_consistent_hash_waits() -> None:
     assert make_policy("consistent_hash", {"selective": True}).waits is True
     assert set(POLICY_NAMES) == {
         "skylb",
+        "skylb_paper",
         "prefix_affinity",
         "least_load",
         "round_robin",
@@ -283,8 +285,9 @@ def test_selective_consistent_hash_waits() -> None:
 
 
 def test_defaults() -> None:
-    skylb = make_policy("skylb", {})
-    assert vars(skylb) == {"cache_threshold": 0.5, "pending_slack": 0}
+    paper = make_policy("skylb_paper", {})
+    assert vars(paper) == {"cache_threshold": 0.5, "pending_slack": 0}
+    assert vars(make_policy("skylb", {})) == {"hold_s": 0.5, "lookahead": 8}
     sglang = make_policy("prefix_affinity", {})
     assert vars(sglang) == {
         "cache_threshold": 0.3,
@@ -299,12 +302,12 @@ def test_defaults() -> None:
     ("name", "params", "path"),
     [
         ("nope", {}, "policy.name"),
-        ("skylb", {"cache_treshold": 0.4}, "policy.params.cache_treshold"),
-        ("skylb", {"cache_threshold": "high"}, "policy.params.cache_threshold"),
-        ("skylb", {"cache_threshold": True}, "policy.params.cache_threshold"),
-        ("skylb", {"cache_threshold": 1.5}, "policy.params.cache_threshold"),
-        ("skylb", {"affinity_slack": -1}, "policy.params.affinity_slack"),
-        ("skylb", {"affinity_slack": 0.5}, "policy.params.affinity_slack"),
+        ("skylb_paper", {"cache_treshold": 0.4}, "policy.params.cache_treshold"),
+        ("skylb_paper", {"cache_threshold": "high"}, "policy.params.cache_threshold"),
+        ("skylb_paper", {"cache_threshold": True}, "policy.params.cache_threshold"),
+        ("skylb_paper", {"cache_threshold": 1.5}, "policy.params.cache_threshold"),
+        ("skylb_paper", {"affinity_slack": -1}, "policy.params.affinity_slack"),
+        ("skylb_paper", {"affinity_slack": 0.5}, "policy.params.affinity_slack"),
         ("prefix_affinity", {"balance_abs_threshold": 1.5}, "policy.params.balance_abs_threshold"),
         ("prefix_affinity", {"balance_abs_threshold": -1}, "policy.params.balance_abs_threshold"),
         ("prefix_affinity", {"balance_rel_threshold": -0.1}, "policy.params.balance_rel_threshold"),
@@ -321,5 +324,5 @@ def test_bad_params_name_the_key(name: str, params: dict[str, object], path: str
 
 
 def test_int_accepted_for_float_params() -> None:
-    policy = make_policy("skylb", {"cache_threshold": 1})
+    policy = make_policy("skylb_paper", {"cache_threshold": 1})
     assert vars(policy) == {"cache_threshold": 1.0, "pending_slack": 0}

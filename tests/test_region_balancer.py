@@ -49,7 +49,7 @@ def make(
     residency: Residency | None = None,
     margin_s: float = 0.05,
 ) -> RegionBalancer:
-    router = Router(SETTINGS, SPECS, make_policy("skylb", {}), random.Random(0))
+    router = Router(SETTINGS, SPECS, make_policy("skylb_paper", {}), random.Random(0))
     table = PeerTable(ONE_WAY, stale_after_s=0.5)
     planner = SpillPlanner("us", ["us", *ONE_WAY], SpillSettings(mode=mode))  # type: ignore[arg-type]
     cost = CostModel(CostSettings(margin_s=margin_s, max_wait_s=5.0)) if mode == "cost" else None
@@ -183,7 +183,7 @@ def test_forwarded_request_is_never_forwarded_again_and_does_not_block() -> None
 
 
 def test_without_peers_it_is_the_router() -> None:
-    router = Router(SETTINGS, SPECS, make_policy("skylb", {}), random.Random(0))
+    router = Router(SETTINGS, SPECS, make_policy("skylb_paper", {}), random.Random(0))
     b = RegionBalancer("us", router)
     for spec in SPECS:
         b.on_scrape(spec.name, BUSY, started_at=0.0, now=0.0)

@@ -107,7 +107,7 @@ def test_balancer_cost_mode_uses_queue_and_dispatch_rate() -> None:
     router = Router(
         RouterSettings(block_chars=4, stale_after_s=100.0),
         specs,
-        make_policy("skylb", {}),
+        make_policy("skylb_paper", {}),
         random.Random(0),
     )
     spill = Spill(

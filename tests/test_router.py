@@ -8,7 +8,7 @@ import random
 import pytest
 
 from skylb_extproc.hashing import block_hashes, key_hash
-from skylb_extproc.policy.base import make_policy
+from skylb_extproc.policy.base import POLICY_NAMES, make_policy
 from skylb_extproc.router import Router, RouterSettings
 from skylb_extproc.types import (
     Decision,
@@ -34,7 +34,7 @@ SETTINGS = RouterSettings(
 
 
 def make(
-    policy: str = "skylb",
+    policy: str = "skylb_paper",
     params: dict[str, object] | None = None,
     replicas: int = 3,
     scrape: ScrapedMetrics | None = IDLE,
@@ -221,7 +221,7 @@ def test_cancel_while_queued() -> None:
 
 
 def test_unhealthy_replicas_get_nothing() -> None:
-    for policy in ("skylb", "least_load", "round_robin", "prefix_affinity", "consistent_hash"):
+    for policy in POLICY_NAMES:
         router = make(policy, stale_after_s=1.0, scrape=None)
         router.on_scrape("r0", None, started_at=5.0, now=5.0)  # failed scrape
         router.on_scrape("r1", IDLE, started_at=3.9, now=4.0)  # stale at 5.0
@@ -239,7 +239,7 @@ def test_no_healthy_replica_pushing_policy_rejects_waiting_policy_waits() -> Non
         rejected("a", 503, Outcome.NO_REPLICA)
     ]
     assert pushing.queue_length == 0
-    waiting = make("skylb", scrape=None)
+    waiting = make("skylb_paper", scrape=None)
     assert waiting.on_request(chat("a", P), 1.0) == []
     assert waiting.queue_length == 1
 
@@ -308,6 +308,7 @@ class Spy:
 
     name = "spy"
     waits = False
+    lookahead = 0
 
     def __init__(self) -> None:
         self.snapshots: list[Snapshot] = []
@@ -345,20 +346,20 @@ def test_next_deadline_includes_staleness_and_state() -> None:
     assert router.on_timer(1.5) == []
     assert router.next_deadline() is None  # r1 is stale now: nothing more to wake up for
     state = router.state(1.5)
-    assert state["queue_length"] == 0 and state["policy"] == "skylb"
+    assert state["queue_length"] == 0 and state["policy"] == "skylb_paper"
     replicas = state["replicas"]
     assert isinstance(replicas, list) and [r["name"] for r in replicas] == ["r0", "r1", "r2"]
 
 
 def test_needs_replicas() -> None:
     with pytest.raises(ValueError):
-        Router(SETTINGS, [], make_policy("skylb", {}), random.Random(0))
+        Router(SETTINGS, [], make_policy("skylb_paper", {}), random.Random(0))
 
 
 def test_response_headers_do_not_confirm_by_default() -> None:
     """vLLM sends headers on accept: by default only a later scrape clears our dispatch."""
     settings = dataclasses.replace(SETTINGS, confirm_on_headers=False)
-    router = Router(settings, SPECS[:1], make_policy("skylb", {}), random.Random(0))
+    router = Router(settings, SPECS[:1], make_policy("skylb_paper", {}), random.Random(0))
     assert router.on_scrape("r0", IDLE, started_at=0.0, now=0.0) == []
     assert router.on_request(chat("a", P), 1.0) == [routed("a", "r0", "least_load")]
     assert router.on_request(chat("b", Q), 1.25) == []

@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 from skylb_extproc.bench.regions import RttMatrix
@@ -54,18 +54,19 @@ __all__ = ["BENCH_ROUTER_SETTINGS", "POLICIES", "SYSTEMS", "System", "build_syst
 Mode = Literal["prefix", "hash", "cost"]
 # name -> (router policy, its params, one balancer per region?, spill mode or None)
 _TABLE: dict[str, tuple[str, dict[str, object], bool, Mode | None]] = {
-    "skylb": ("skylb", {}, True, "prefix"),
+    "skylb": ("skylb", {}, True, "cost"),
+    "skylb-paper": ("skylb_paper", {}, True, "prefix"),
     "skylb-ch": ("consistent_hash", {"selective": True}, True, "hash"),
-    "skylb-cost": ("skylb", {}, True, "cost"),
+    "skylb-cost": ("skylb_paper", {}, True, "cost"),
     "region-local": ("prefix_affinity", {}, True, None),
     "least-load": ("least_load", {}, False, None),
     "round-robin": ("round_robin", {}, False, None),
     "consistent-hash": ("consistent_hash", {}, False, None),
     "sglang": ("prefix_affinity", {}, False, None),
-    "skylb-affinity": ("skylb", {"affinity_slack": 1}, True, "prefix"),
+    "skylb-affinity": ("skylb_paper", {"affinity_slack": 1}, True, "prefix"),
 }
 SYSTEMS: tuple[str, ...] = tuple(_TABLE)
-POLICIES: tuple[str, ...] = SYSTEMS[:8]  # what runs unless --policies names others
+POLICIES: tuple[str, ...] = SYSTEMS[:9]  # what runs unless --policies names others
 
 # The live server's defaults except the queue bounds (confirm_on_headers stays off, as for vLLM,
 # which sends response headers on accept). Waiting is part of the latency being measured, so
@@ -91,9 +92,17 @@ class System:
 
 
 def _router(
-    policy: str, params: dict[str, object], specs: Sequence[ReplicaSpec], seed: str
-) -> Router:
-    return Router(BENCH_ROUTER_SETTINGS, specs, make_policy(policy, params), random.Random(seed))
+    policy: str, params: dict[str, object], specs: Sequence[ReplicaSpec], seed: str,
+    profile: Profile,
+) -> Router:  # fmt: skip
+    # The replicas' speed prior is their profile's (the live server learns it from /metrics).
+    settings = replace(
+        BENCH_ROUTER_SETTINGS,
+        index_follows_kv=policy == "skylb",  # the baselines' indexes are as their authors'
+        prefill_tokens_per_s=1000.0 / profile.prefill_k_ms,
+        decode_step_s=profile.decode_a_ms / 1000.0,
+    )
+    return Router(settings, specs, make_policy(policy, params), random.Random(seed))
 
 
 def _regional_balancer(
@@ -101,7 +110,7 @@ def _regional_balancer(
     seed: int, profile: Profile,
 ) -> RegionBalancer:  # fmt: skip
     policy, params, _, mode = _TABLE[name]
-    router = _router(policy, params, specs, f"{seed}:{name}:{region}")
+    router = _router(policy, params, specs, f"{seed}:{name}:{region}", profile)
     if mode is None:
         return RegionBalancer(region, router)
     planner = SpillPlanner(region, regions, SpillSettings(mode=mode))
@@ -128,7 +137,7 @@ def build_system(
     specs = {n: ReplicaSpec(n, f"{n}:8000", f"http://{n}:8000/metrics") for n in engines}
     if not per_region:
         home = regions[0]
-        router = _router(policy, params, list(specs.values()), f"{seed}:{name}:{home}")
+        router = _router(policy, params, list(specs.values()), f"{seed}:{name}:{home}", profile)
         lb = RegionBalancer(home, router)
         entry = dict.fromkeys(regions, home)
         return System(name, {home: lb}, engines, where, {home: list(engines)}, entry, False,

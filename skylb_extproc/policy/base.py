@@ -20,7 +20,14 @@ from collections.abc import Callable, Mapping
 from typing import Protocol
 
 from skylb_extproc.errors import ConfigError
-from skylb_extproc.policy import consistent_hash, least_load, prefix_affinity, round_robin, skylb
+from skylb_extproc.policy import (
+    consistent_hash,
+    least_load,
+    prefix_affinity,
+    round_robin,
+    skylb,
+    skylb_paper,
+)
 from skylb_extproc.types import Decision, RouteRequest, Snapshot
 
 __all__ = ["DEFAULT_POLICY", "POLICY_NAMES", "RoutingPolicy", "make_policy"]
@@ -34,6 +41,8 @@ class RoutingPolicy(Protocol):
     # A waiting policy may also route to a healthy replica with up to this many pending
     # requests (the router's "nothing available" shortcut must not skip it); 0 = available only.
     pending_slack: int
+    # How many waiting requests, oldest first, the router offers it per poll (0: the head only).
+    lookahead: int
 
     def decide(self, request: RouteRequest, snapshot: Snapshot, rng: random.Random) -> Decision:
         """Route, Wait or Reject; must not mutate anything."""
@@ -42,6 +51,7 @@ class RoutingPolicy(Protocol):
 
 _FACTORIES: dict[str, Callable[[Mapping[str, object]], RoutingPolicy]] = {
     "skylb": skylb.create,
+    "skylb_paper": skylb_paper.create,
     "prefix_affinity": prefix_affinity.create,
     "least_load": least_load.create,
     "round_robin": round_robin.create,

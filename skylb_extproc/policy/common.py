@@ -18,8 +18,16 @@ __all__ = [
     "least_loaded",
     "matched_fraction",
     "no_replica",
+    "prefill_seconds",
     "route",
 ]
+
+# Prompt tokens are estimated from characters (English text with Llama-3-style tokenizers: ~4).
+CHARS_PER_TOKEN = 4.0
+# Context length at which a prefill token's attention costs as much as the rest of its forward
+# pass. A property of the model's shape, not of the GPU: Llama-3.1-8B's calibration gives
+# k / 2q = 16.8k tokens on an H100 and 19.2k on an L4 (sim/profiles.py).
+ATTENTION_TOKENS = 16_384.0
 
 
 def matched_fraction(view: ReplicaView, snapshot: Snapshot) -> float:
@@ -27,6 +35,19 @@ def matched_fraction(view: ReplicaView, snapshot: Snapshot) -> float:
     if snapshot.prompt_chars <= 0:
         return 0.0
     return min(1.0, view.matched_blocks * snapshot.block_chars / snapshot.prompt_chars)
+
+
+def prefill_seconds(view: ReplicaView, snapshot: Snapshot) -> float:
+    """Predicted prefill of the part of the prompt `view` does not hold, at its speed.
+
+    Each new token also attends to the tokens before it (cached or not), which costs as much as
+    the rest of the forward pass at ATTENTION_TOKENS of context: a long uncached prompt costs
+    more than its length at the short-prompt rate."""
+    held = min(snapshot.prompt_chars, view.matched_blocks * snapshot.block_chars)
+    cached = held / CHARS_PER_TOKEN
+    uncached = (snapshot.prompt_chars - held) / CHARS_PER_TOKEN
+    context = cached + uncached / 2
+    return uncached / view.prefill_tokens_per_s * (1.0 + context / ATTENTION_TOKENS)
 
 
 def least_loaded(views: Iterable[ReplicaView], rotation: int = 0) -> ReplicaView | None:

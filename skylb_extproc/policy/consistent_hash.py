@@ -60,6 +60,7 @@ class ConsistentHashPolicy:
     """Ring hash over configured replicas, skipping ineligible ones clockwise."""
 
     name = "consistent_hash"
+    lookahead = 0  # FIFO: only the head of the queue is decided
     pending_slack = 0
 
     def __init__(self, *, virtual_nodes: int = 1024, selective: bool = False) -> None:

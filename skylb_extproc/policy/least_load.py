@@ -26,6 +26,7 @@ class LeastLoadPolicy:
     """Fewest in-flight healthy replica."""
 
     name = "least_load"
+    lookahead = 0  # FIFO: only the head of the queue is decided
     waits = False
     pending_slack = 0
 

@@ -49,6 +49,7 @@ class PrefixAffinityPolicy:
     """Cache-aware routing over healthy replicas with SGLang's imbalance override."""
 
     name = "prefix_affinity"
+    lookahead = 0  # FIFO: only the head of the queue is decided
     waits = False
     pending_slack = 0
 

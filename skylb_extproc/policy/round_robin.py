@@ -28,6 +28,7 @@ class RoundRobinPolicy:
     """Healthy replicas in turn, the cursor being the router's decision count."""
 
     name = "round_robin"
+    lookahead = 0  # FIFO: only the head of the queue is decided
     waits = False
     pending_slack = 0
 

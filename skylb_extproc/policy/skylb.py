@@ -1,30 +1,35 @@
-"""`skylb`: SkyLB's local step — selective pushing with prefix affinity (the default policy).
+"""`skylb`: predicted time to first token — the default policy.
 
-Algorithm (SkyLB paper §3.3 + its `PrefixTreePolicy`, as evaluated in the final config):
-  1. Candidates are the AVAILABLE replicas: healthy and without a pending request (the engine
-     can still batch more). None available -> `Wait`: the request stays in the balancer's FIFO
-     queue and is decided again on the next event (scrape, start, finish, timer). It is never
-     rejected here; the queue's deadline bounds the wait (503 DEADLINE).
-  2. If the best prefix match among candidates covers more than `cache_threshold` of the prompt
-     (matched_blocks * block_chars / prompt_chars, strictly greater, as SkyLB/SGLang) -> the
-     best-matching candidate; ties by fewest in-flight, then config order. reason "prefix".
-     With `affinity_slack` k > 0 (ours, not the paper's), a healthy replica with at most k
-     pending requests is a candidate for this step too, though not available (on equal matches
-     an available one goes first): a long prompt whose prefix it holds costs it little, where
-     another replica would prefill it all.
-  3. Else the least in-flight candidate (ties rotate with the decision count, so new
-     conversations on an idle pool spread instead of all starting on the first replica): a low
-     match is the moment to explore an under-used replica (paper §5.1). reason "least_load".
+For every healthy replica r the request's TTFT there is predicted as
 
-There is no load-imbalance override: SkyLB enables it only for its blind-pushing variants, and
-selective pushing already keeps every replica at its own capacity.
+    ttft(r) = backlog_s(r) + admit_wait_s(r) + uncached_tokens(r) / prefill_tokens_per_s(r)
 
-Parameters: `cache_threshold` (float in [0, 1], default 0.5 — SkyLB's `PrefixTreeConfig`);
-`affinity_slack` (int >= 0, default 0 = the paper's rule; docs/benchmarks.md measures 1).
-Reads: `ReplicaView.available`, `.healthy`, `.pending`, `.matched_blocks`, `.in_flight`;
-`Snapshot.prompt_chars`,
-`.block_chars`. Ignores `rng` (ties are deterministic).
-Decisions: `Route` or `Wait`; never `Reject`.
+- `backlog_s`: prefill this balancer sent r that has not finished yet (a FIFO server of prefill
+  seconds, state/load.py);
+- `admit_wait_s`: the engine's own queue: requests r cannot admit now (KV blocks or batch slots,
+  scraped and projected) x r's recent seconds between finishes;
+- `uncached_tokens`: the prompt minus the prefix r holds (the prefix index), at r's prefill speed,
+  learned from its metrics with the profile as prior (state/load.py). A cache hit is cheap
+  prefill, not a rule: a busy holder of the conversation keeps it while its queue costs less than
+  prefilling elsewhere, and loses it when it does not — where SkyLB's availability gate dropped
+  the holder whenever it had one request waiting.
+
+The request goes to the smallest prediction (ties: more matched blocks, fewer in flight, then a
+rotation so that an idle pool spreads new conversations). It is held at the balancer (`Wait`)
+when that replica's queueing part (backlog + admit wait) exceeds `hold_s`: pushed, it would only
+wait in that replica's queue, where it can no longer take whichever replica frees first, nor be
+spilled to another region (the region balancer's spill compares the same prediction with the
+peers'). Selective pushing is a consequence: an engine that cannot admit has admit_wait > 0.
+
+Held requests are decided again on every event; the router considers the first `lookahead`
+waiting requests, oldest first, so one held head does not block a request whose best replica
+has room (a head waiting longer than the router's bypass limit stops this: no starvation).
+
+Parameters: `hold_s` (float >= 0, default 0.5), `lookahead` (int >= 0, default 8).
+Reads: `ReplicaView.healthy`, `.matched_blocks`, `.in_flight`, `.prefill_tokens_per_s`,
+`.backlog_s`, `.admit_wait_s`; `Snapshot.prompt_chars`, `.block_chars`, `.decisions`. Ignores
+`rng`. Decisions: `Route` or `Wait`; never `Reject` (the router and the region balancer answer
+when no replica is healthy).
 """
 
 from __future__ import annotations
@@ -32,54 +37,62 @@ from __future__ import annotations
 import random
 from collections.abc import Mapping
 
-from skylb_extproc.policy.common import (
-    ParamReader,
-    least_loaded,
-    matched_fraction,
-    route,
-)
-from skylb_extproc.types import Decision, RouteRequest, Snapshot, Wait
+from skylb_extproc.policy.common import ParamReader, prefill_seconds, route
+from skylb_extproc.types import Decision, ReplicaView, RouteRequest, Snapshot, Wait
 
-__all__ = ["SkyLBPolicy", "create"]
+__all__ = ["SkyLBPolicy", "create", "predicted_ttft", "queue_seconds"]
+
+# Any healthy replica may take a request (the prediction, not the pending count, decides).
+ANY_PENDING = 1 << 30
+
+
+def queue_seconds(view: ReplicaView) -> float:
+    """Seconds a request sent to `view` now waits before its own prefill starts."""
+    return view.backlog_s + view.admit_wait_s
+
+
+def predicted_ttft(view: ReplicaView, snapshot: Snapshot) -> float:
+    """Queueing plus the prefill of what `view` does not hold."""
+    return queue_seconds(view) + prefill_seconds(view, snapshot)
 
 
 class SkyLBPolicy:
-    """Prefix affinity among available replicas; waits when none is available."""
+    """The healthy replica with the lowest predicted TTFT; held when its queue is long."""
 
     name = "skylb"
     waits = True
+    pending_slack = ANY_PENDING
 
-    def __init__(self, *, cache_threshold: float = 0.5, affinity_slack: int = 0) -> None:
-        self.cache_threshold = cache_threshold
-        self.pending_slack = affinity_slack
+    def __init__(self, *, hold_s: float = 0.5, lookahead: int = 8) -> None:
+        self.hold_s = hold_s
+        self.lookahead = lookahead
 
     def decide(self, request: RouteRequest, snapshot: Snapshot, rng: random.Random) -> Decision:
-        candidates = [v for v in snapshot.replicas if v.available]
-        slack = self.pending_slack
-        holders = [
-            v for v in snapshot.replicas if v.available or (v.healthy and v.pending <= slack)
-        ]
-        # Most matched blocks; on a tie an available replica, then fewest in flight (with no
-        # slack every holder is available: common.best_match's order).
-        best = min(
-            (v for v in holders if v.matched_blocks > 0),
-            key=lambda v: (-v.matched_blocks, not v.available, v.in_flight),
-            default=None,
-        )
-        if best is not None and matched_fraction(best, snapshot) > self.cache_threshold:
-            return route(best, "prefix")
-        if not candidates:
+        healthy = [v for v in snapshot.replicas if v.healthy]
+        if not healthy:
             return Wait()
-        chosen = least_loaded(candidates, snapshot.decisions)
-        assert chosen is not None  # candidates is not empty
-        return route(chosen, "least_load")
+        n = len(healthy)
+        rotation = snapshot.decisions % n
+        best = min(
+            range(n),
+            key=lambda i: (
+                predicted_ttft(healthy[i], snapshot),
+                -healthy[i].matched_blocks,
+                healthy[i].in_flight,
+                (i - rotation) % n,
+            ),
+        )
+        chosen = healthy[best]
+        if queue_seconds(chosen) > self.hold_s:
+            return Wait()
+        return route(chosen, "prefix" if chosen.matched_blocks else "predicted")
 
 
 def create(params: Mapping[str, object]) -> SkyLBPolicy:
     reader = ParamReader(params)
     policy = SkyLBPolicy(
-        cache_threshold=reader.number("cache_threshold", 0.5, low=0.0, high=1.0),
-        affinity_slack=reader.integer("affinity_slack", 0, low=0),
+        hold_s=reader.number("hold_s", 0.5, low=0.0),
+        lookahead=reader.integer("lookahead", 8, low=0),
     )
     reader.finish()
     return policy

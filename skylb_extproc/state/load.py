@@ -23,6 +23,13 @@ Rules (docs/internals.md):
   free KV cannot admit (all of them when the engine reports no KV numbers).
 - available = healthy and pending <= max_pending.
 - in_flight = dispatched and not finished.
+- backlog_s = the prefill we sent that a first-token-free model says is still queued or running:
+  the replica is a FIFO server of prefill seconds (each dispatch adds its predicted prefill at
+  the replica's speed); a finished request caps it at the prefill of those still unfinished.
+  vLLM answers headers on accept, not at the first token, so no start signal is used: the live
+  server and the evaluator predict the same way.
+- admit_wait_s = pending x the replica's recent seconds between finishes (our requests, last
+  `FINISH_WINDOW_S`): a request the engine cannot admit waits for requests ahead to end.
 
 A scrape result that began before the one already recorded is ignored: it is older news.
 """
@@ -30,12 +37,17 @@ A scrape result that began before the one already recorded is ignored: it is old
 from __future__ import annotations
 
 import math
+from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from skylb_extproc.types import ReplicaSpec, ReplicaView, ScrapedMetrics
 
-__all__ = ["LoadTracker"]
+__all__ = ["FINISH_WINDOW_S", "LoadTracker"]
+
+FINISH_WINDOW_S = 10.0
+# Seconds between finishes assumed before any finish was seen (a cold, saturated replica).
+NO_FINISH_INTERVAL_S = 2.0
 
 
 @dataclass
@@ -50,6 +62,9 @@ class _Replica:
     # Our unstarted dispatches the last successful scrape cannot have seen:
     # id -> (dispatched at, tokens it will hold in the KV cache: prompt + max_tokens).
     unseen: dict[str, tuple[float, int]] = field(default_factory=dict)
+    busy_until: float = -math.inf  # when the prefill we sent ends, if the replica is FIFO
+    prefill_s: dict[str, float] = field(default_factory=dict)  # unfinished id -> its prefill
+    finishes: deque[float] = field(default_factory=deque)  # our finishes, last FINISH_WINDOW_S
 
 
 class LoadTracker:
@@ -63,6 +78,8 @@ class LoadTracker:
         max_pending: int,
         kv_headroom: float = 0.1,
         visible_after_s: float = 0.0,
+        prefill_tokens_per_s: float = 4700.0,
+        decode_step_s: float = 0.062,
     ) -> None:
         if stale_after_s <= 0:
             raise ValueError(f"stale_after_s must be > 0, got {stale_after_s}")
@@ -77,6 +94,8 @@ class LoadTracker:
         self._max_pending = max_pending
         self._kv_headroom = kv_headroom
         self._visible_after_s = visible_after_s
+        self._prefill_tps = prefill_tokens_per_s
+        self._decode_step_s = decode_step_s
         self._where: dict[str, str] = {}  # request id -> replica, while in flight
 
     def on_dispatch(
@@ -87,6 +106,7 @@ class LoadTracker:
         *,
         pending: bool = True,
         kv_tokens: int = 0,
+        prefill_s: float = 0.0,
     ) -> None:
         """We sent `request_id` to `replica`.
 
@@ -94,6 +114,7 @@ class LoadTracker:
         such as GET /v1/models): they count as in flight but never make a replica unavailable.
         `kv_tokens`: what the request will hold in the replica's KV cache (prompt + max_tokens),
         for projecting whether the replica can admit it before a scrape has seen it.
+        `prefill_s`: its predicted prefill there, added to the replica's backlog.
         """
         state = self._get(replica)
         self.on_finished(request_id, now)  # a reused id replaces the old record
@@ -101,6 +122,9 @@ class LoadTracker:
         state.in_flight.add(request_id)
         if pending:
             state.unseen[request_id] = (now, kv_tokens)
+        if prefill_s > 0:
+            state.busy_until = max(now, state.busy_until) + prefill_s
+            state.prefill_s[request_id] = prefill_s
 
     def on_started(self, request_id: str, now: float) -> None:
         """Response headers seen: the engine has taken the request, it no longer waits."""
@@ -115,6 +139,12 @@ class LoadTracker:
             state = self._replicas[replica]
             state.in_flight.discard(request_id)
             state.unseen.pop(request_id, None)
+            if state.prefill_s.pop(request_id, None) is not None:
+                # It is done, so at most the prefill of those still unfinished is left.
+                left = now + sum(state.prefill_s.values())
+                state.busy_until = min(state.busy_until, left)
+                state.finishes.append(now)
+                _trim(state.finishes, now)
 
     def on_scrape(
         self, replica: str, metrics: ScrapedMetrics | None, *, started_at: float, now: float
@@ -155,6 +185,10 @@ class LoadTracker:
                     in_flight=len(state.in_flight),
                     pending=pending,
                     matched_blocks=matched.get(name, 0),
+                    prefill_tokens_per_s=self._prefill_tps,
+                    decode_step_s=self._decode_step_s,
+                    backlog_s=max(0.0, state.busy_until - now),
+                    admit_wait_s=pending * _finish_interval(state.finishes, now),
                 )
             )
         return tuple(out)
@@ -241,3 +275,16 @@ def _learn_seq_cap(cap: int | None, m: ScrapedMetrics) -> int | None:
     if cap is not None and running > cap:
         return running
     return cap
+
+
+def _trim(finishes: deque[float], now: float) -> None:
+    while finishes and finishes[0] < now - FINISH_WINDOW_S:
+        finishes.popleft()
+
+
+def _finish_interval(finishes: deque[float], now: float) -> float:
+    """Mean seconds between our finishes over the last window (a guess before any)."""
+    _trim(finishes, now)
+    if not finishes:
+        return NO_FINISH_INTERVAL_S
+    return FINISH_WINDOW_S / len(finishes)

@@ -41,6 +41,14 @@ class _TargetCache(LRUCache[int, float]):
         stamp: float = Cache.__getitem__(self, key)
         return stamp > oldest
 
+    def resized(self, maxsize: int) -> _TargetCache:
+        """A copy bounded by `maxsize`, same LRU order (emptying this one: popitem is the LRU)."""
+        entries = [self.popitem() for _ in range(len(self))]
+        copy = _TargetCache(maxsize)
+        for key, stamp in entries:  # least recent first; the oldest fall out if it is smaller
+            copy[key] = stamp
+        return copy
+
 
 class PrefixIndex:
     """Bounded per-target LRU of chained block hashes with a TTL and longest-prefix match."""
@@ -81,6 +89,16 @@ class PrefixIndex:
                     hi = mid - 1
             result[target] = lo
         return result
+
+    def set_capacity(self, target: str, max_blocks: int) -> None:
+        """Bound `target` to `max_blocks` entries (at most the configured bound), evicting the
+        least recently used ones now if it holds more: a replica's KV cache can hold no more."""
+        size = max(1, min(self._max, max_blocks))
+        cache = self._caches.get(target)
+        if cache is None:
+            self._caches[target] = _TargetCache(size)
+        elif cache.maxsize != size:
+            self._caches[target] = cache.resized(size)
 
     def remove_target(self, target: str) -> None:
         """Forget a target (it left the configuration or lost its cache)."""
