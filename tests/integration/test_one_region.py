@@ -237,15 +237,19 @@ def _histogram_count(metrics: str, name: str) -> float:
 
 
 async def _replica_state(stack: RegionStack) -> dict[str, Any]:
+    """The only replica's /state entry, plus the balancer's `queue_length`."""
     async with aiohttp.ClientSession() as session, session.get(stack.admin + "/state") as resp:
-        state: dict[str, Any] = (await resp.json())["replicas"][0]
-        return state
+        body = await resp.json()
+        state: dict[str, Any] = body["replicas"][0]
+        return {**state, "queue_length": body["queue_length"]}
 
 
 async def _fill_the_only_replica(
     stack: RegionStack, session: aiohttp.ClientSession
 ) -> list[asyncio.Task[TurnResult]]:
-    """Push long requests one at a time until skylb sees the replica with a waiting request."""
+    """Push long requests one at a time until skylb holds one or sees the replica waiting.
+
+    Returns the fillers; one of them may be the request held at the balancer."""
     fillers: list[asyncio.Task[TurnResult]] = []
     for i in range(6):
         state = await _replica_state(stack)
@@ -253,9 +257,11 @@ async def _fill_the_only_replica(
             return fillers
         body = chat_body(f"filler {i}", model=TINY_MODEL, max_tokens=50)
         fillers.append(asyncio.create_task(send_chat(session, stack.listener, body)))
-        deadline = time.monotonic() + 5
-        while (await _replica_state(stack))["in_flight"] < len(fillers):
-            assert time.monotonic() < deadline, "filler never dispatched"
+        deadline = time.monotonic() + 30
+        while (state := await _replica_state(stack))["in_flight"] < len(fillers):
+            if state["queue_length"]:
+                return fillers  # held: the balancer judged the replica full
+            assert time.monotonic() < deadline, "filler neither dispatched nor queued"
             await asyncio.sleep(0.01)
         await asyncio.sleep(0.15)  # a scrape sees it running or waiting
     raise AssertionError(f"replica never filled up: {await _replica_state(stack)}")
@@ -263,8 +269,8 @@ async def _fill_the_only_replica(
 
 async def test_queue_full_429_and_deadline_503(limits_region: RegionStack) -> None:
     # One tiny replica (2 running sequences, ~2.4 s per 50-token answer), a queue of 1 and a
-    # 0.5 s deadline. Once the replica has a waiting request, of 4 more requests one waits at
-    # the balancer until its deadline (503) and three find the queue full (429).
+    # 0.5 s deadline. Once the replica is full, one request waits at the balancer until its
+    # deadline (503: the last filler, or a late one) and the others find the queue full (429).
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session:
         fillers = await _fill_the_only_replica(limits_region, session)
         bodies = [chat_body(f"late {i}", model=TINY_MODEL, max_tokens=50) for i in range(4)]
@@ -272,11 +278,14 @@ async def test_queue_full_429_and_deadline_503(limits_region: RegionStack) -> No
             *(send_chat(session, limits_region.listener, b) for b in bodies)
         )
         pushed = await asyncio.gather(*fillers)
-    assert [r.status for r in pushed] == [200] * len(pushed), [r.error for r in pushed]
-    assert sorted(r.status for r in late) == [429, 429, 429, 503], [r.body for r in late]
-    for r in late:
-        payload = assert_json_error(r.body.encode(), r.status)
-        assert payload["error"]["type"] == {429: "queue_full", 503: "deadline"}[r.status]
+    statuses = sorted(r.status for r in [*pushed, *late])
+    assert statuses.count(503) == 1, [r.body for r in [*pushed, *late]]
+    assert all(r.status in (200, 503) for r in pushed), [r.error for r in pushed]
+    assert sorted(r.status for r in late)[:3] == [429, 429, 429], [r.body for r in late]
+    for r in [*pushed, *late]:
+        if r.status != 200:
+            payload = assert_json_error(r.body.encode(), r.status)
+            assert payload["error"]["type"] == {429: "queue_full", 503: "deadline"}[r.status]
     await wait_all_available(limits_region, timeout_s=10)
     await assert_serving(limits_region, TINY_MODEL)
 
@@ -321,15 +330,17 @@ def _host_stats(stack: RegionStack, address: str) -> dict[str, int]:
     return stats
 
 
-async def _traffic_until(stack: RegionStack, stop_at: float, workers: int = 6) -> list[TurnResult]:
-    """`workers` clients each playing conversations back to back until `stop_at`."""
+async def _traffic_until(
+    stack: RegionStack, stop: asyncio.Event, results: list[TurnResult], workers: int = 6
+) -> list[TurnResult]:
+    """`workers` clients each playing conversations back to back until `stop` is set; each
+    answer is appended to `results` as it comes."""
     conversations = iter(
         chat_workload(10_000, seed=3, turns_per_conversation=(4, 4), max_tokens=(8, 16))
     )
-    results: list[TurnResult] = []
 
     async def worker(session: aiohttp.ClientSession) -> None:
-        while time.monotonic() < stop_at:
+        while not stop.is_set():
             conv = next(conversations)
             answers: list[str] = []
             for turn in range(len(conv.turns)):
@@ -345,14 +356,22 @@ async def _traffic_until(stack: RegionStack, stop_at: float, workers: int = 6) -
 
 async def test_killed_replica_gets_no_new_requests(fresh_region: RegionStack) -> None:
     victim = fresh_region.replicas[1]
-    started = time.monotonic()
-    traffic = asyncio.create_task(_traffic_until(fresh_region, started + 3.0))
-    await asyncio.sleep(0.6)
-    assert _host_stats(fresh_region, victim.address).get("rq_total", 0) > 0
+    stop = asyncio.Event()
+    seen: list[TurnResult] = []
+    traffic = asyncio.create_task(_traffic_until(fresh_region, stop, seen))
+    deadline = time.monotonic() + 30
+    while _host_stats(fresh_region, victim.address).get("rq_total", 0) == 0:
+        assert time.monotonic() < deadline, "the victim never got a request"
+        await asyncio.sleep(0.05)
     os.kill(fresh_region.replica_pids[victim.name], signal.SIGKILL)
     killed_at = time.monotonic()
     await asyncio.sleep(1.0)
     before = _host_stats(fresh_region, victim.address)
+    # Traffic goes on until 20 requests started after the first second have been answered.
+    while sum(1 for r in seen if r.started > killed_at + 1.0) < 20:
+        assert time.monotonic() < deadline + 60, "traffic stalled after the kill"
+        await asyncio.sleep(0.05)
+    stop.set()
     results = await asyncio.wait_for(traffic, timeout=60)  # the run does not hang
     after = _host_stats(fresh_region, victim.address)
     # Envoy never even tried to connect to the dead replica after the first second.
