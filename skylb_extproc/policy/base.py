@@ -20,7 +20,15 @@ from collections.abc import Callable, Mapping
 from typing import Protocol
 
 from skylb_extproc.errors import ConfigError
-from skylb_extproc.policy import consistent_hash, least_load, prefix_affinity, round_robin, skylb
+from skylb_extproc.policy import (
+    consistent_hash,
+    dynamo,
+    least_load,
+    llm_d,
+    prefix_affinity,
+    round_robin,
+    skylb,
+)
 from skylb_extproc.types import Decision, RouteRequest, Snapshot
 
 __all__ = ["DEFAULT_POLICY", "POLICY_NAMES", "RoutingPolicy", "make_policy"]
@@ -46,6 +54,8 @@ _FACTORIES: dict[str, Callable[[Mapping[str, object]], RoutingPolicy]] = {
     "least_load": least_load.create,
     "round_robin": round_robin.create,
     "consistent_hash": consistent_hash.create,
+    "llm_d": llm_d.create,
+    "dynamo": dynamo.create,
 }
 
 DEFAULT_POLICY = "skylb"

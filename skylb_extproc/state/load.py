@@ -23,6 +23,9 @@ Rules (docs/internals.md):
   free KV cannot admit (all of them when the engine reports no KV numbers).
 - available = healthy and pending <= max_pending.
 - in_flight = dispatched and not finished.
+- active_blocks = distinct prompt block hashes of our in-flight requests there; prefill_blocks =
+  the uncached prompt blocks (at dispatch) of those without a first token yet (`on_prefilled`).
+  What NVIDIA Dynamo's router counts of the requests it routed (its ActiveSequences).
 
 A scrape result that began before the one already recorded is ignored: it is older news.
 """
@@ -30,6 +33,7 @@ A scrape result that began before the one already recorded is ignored: it is old
 from __future__ import annotations
 
 import math
+from bisect import bisect_left
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -50,6 +54,11 @@ class _Replica:
     # Our unstarted dispatches the last successful scrape cannot have seen:
     # id -> (dispatched at, tokens it will hold in the KV cache: prompt + max_tokens).
     unseen: dict[str, tuple[float, int]] = field(default_factory=dict)
+    # Prompt block hashes of our in-flight requests -> how many of them hold each one. Chained
+    # hashes make this set prefix-closed: a request holding block i holds blocks 0..i-1.
+    blocks: dict[int, int] = field(default_factory=dict)
+    # Our in-flight requests without a first token yet -> their uncached prompt blocks.
+    prefill: dict[str, float] = field(default_factory=dict)
 
 
 class LoadTracker:
@@ -78,6 +87,7 @@ class LoadTracker:
         self._kv_headroom = kv_headroom
         self._visible_after_s = visible_after_s
         self._where: dict[str, str] = {}  # request id -> replica, while in flight
+        self._held: dict[str, Sequence[int]] = {}  # request id -> its prompt block hashes
 
     def on_dispatch(
         self,
@@ -87,6 +97,8 @@ class LoadTracker:
         *,
         pending: bool = True,
         kv_tokens: int = 0,
+        blocks: Sequence[int] = (),
+        prefill_blocks: float = 0.0,
     ) -> None:
         """We sent `request_id` to `replica`.
 
@@ -94,6 +106,8 @@ class LoadTracker:
         such as GET /v1/models): they count as in flight but never make a replica unavailable.
         `kv_tokens`: what the request will hold in the replica's KV cache (prompt + max_tokens),
         for projecting whether the replica can admit it before a scrape has seen it.
+        `blocks`: its prompt block hashes; `prefill_blocks`: the prompt blocks the replica must
+        compute (not cached there); both held until it finishes (prefill: until `on_prefilled`).
         """
         state = self._get(replica)
         self.on_finished(request_id, now)  # a reused id replaces the old record
@@ -101,6 +115,18 @@ class LoadTracker:
         state.in_flight.add(request_id)
         if pending:
             state.unseen[request_id] = (now, kv_tokens)
+        if blocks:
+            self._held[request_id] = blocks
+            for h in blocks:
+                state.blocks[h] = state.blocks.get(h, 0) + 1
+        if prefill_blocks > 0:
+            state.prefill[request_id] = prefill_blocks
+
+    def on_prefilled(self, request_id: str, now: float) -> None:
+        """The first token came back: its prompt is computed (Dynamo's mark_prefill_completed)."""
+        replica = self._where.get(request_id)
+        if replica is not None:
+            self._replicas[replica].prefill.pop(request_id, None)
 
     def on_started(self, request_id: str, now: float) -> None:
         """Response headers seen: the engine has taken the request, it no longer waits."""
@@ -115,6 +141,13 @@ class LoadTracker:
             state = self._replicas[replica]
             state.in_flight.discard(request_id)
             state.unseen.pop(request_id, None)
+            state.prefill.pop(request_id, None)
+            for h in self._held.pop(request_id, ()):
+                left = state.blocks[h] - 1
+                if left:
+                    state.blocks[h] = left
+                else:
+                    del state.blocks[h]
 
     def on_scrape(
         self, replica: str, metrics: ScrapedMetrics | None, *, started_at: float, now: float
@@ -138,14 +171,16 @@ class LoadTracker:
         state.unseen = {rid: u for rid, u in state.unseen.items() if u[0] >= visible_before}
 
     def views(
-        self, now: float, matched: Mapping[str, int] | None = None
+        self, now: float, matched: Mapping[str, int] | None = None, hashes: Sequence[int] = ()
     ) -> tuple[ReplicaView, ...]:
-        """Every configured replica, in config order, as policies see it at `now`."""
+        """Every configured replica, in config order, as policies see it at `now`; `hashes`:
+        the request's block hashes, for `active_overlap_blocks`."""
         matched = matched or {}
         out: list[ReplicaView] = []
         for name, state in self._replicas.items():
             healthy = self._healthy(state, now)
             pending = self._pending(state)
+            m = state.metrics
             out.append(
                 ReplicaView(
                     name=name,
@@ -155,6 +190,11 @@ class LoadTracker:
                     in_flight=len(state.in_flight),
                     pending=pending,
                     matched_blocks=matched.get(name, 0),
+                    waiting=0.0 if m is None else m.waiting,
+                    kv_usage=0.0 if m is None or m.kv_usage is None else m.kv_usage,
+                    active_blocks=len(state.blocks),
+                    active_overlap_blocks=_held_prefix(state.blocks, hashes),
+                    prefill_blocks=sum(state.prefill.values()),
                 )
             )
         return tuple(out)
@@ -241,3 +281,11 @@ def _learn_seq_cap(cap: int | None, m: ScrapedMetrics) -> int | None:
     if cap is not None and running > cap:
         return running
     return cap
+
+
+def _held_prefix(held: Mapping[int, int], hashes: Sequence[int]) -> int:
+    """How many leading `hashes` are in `held`. The set is prefix-closed along a hash chain, so
+    the answer is the first miss, found by bisection instead of a lookup per block."""
+    if not held or not hashes:
+        return 0
+    return bisect_left(range(len(hashes)), True, key=lambda i: hashes[i] not in held)
