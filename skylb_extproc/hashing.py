@@ -11,13 +11,19 @@ is not hashed (it would change as the conversation grows and never match again).
 
 Why seeded by model (+ salt): the same text sent to two models must not look cached on a replica
 that only served the other model; the salt lets operators keep indexes of two deployments apart.
+
+`affinity_key` is the one rule consistent hashing keys on (router and region spill alike): the
+client's session header when sent, else the chained hash of the prompt's first `key_blocks`
+blocks (all its full blocks when it has fewer), which identifies the whole leading text.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import xxhash
 
-__all__ = ["block_hashes", "chain_blocks", "key_hash"]
+__all__ = ["affinity_key", "block_hashes", "chain_blocks", "key_hash"]
 
 
 def _encode(text: str) -> bytes:
@@ -62,3 +68,14 @@ def chain_blocks(text: str, block_chars: int, count: int, seed: int) -> list[int
 def key_hash(key: str) -> int:
     """xxh64 with seed 0, as SkyLB's consistent-hashing policy hashes keys and ring points."""
     return xxhash.xxh64_intdigest(_encode(key))
+
+
+def affinity_key(hash_key: str | None, hashes: Sequence[int], key_blocks: int) -> int | None:
+    """The consistent-hashing key of a request: `key_hash(hash_key)` when the client sent one,
+    else `hashes[min(key_blocks, len(hashes)) - 1]` (chained, so it stands for every character
+    up to the end of that block); None for a prompt without a full block."""
+    if hash_key:
+        return key_hash(hash_key)
+    if not hashes or key_blocks < 1:
+        return None
+    return hashes[min(key_blocks, len(hashes)) - 1]

@@ -27,7 +27,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 from skylb_extproc.dispatch.queue import Queued, WaitQueue
-from skylb_extproc.hashing import block_hashes, key_hash
+from skylb_extproc.hashing import affinity_key, block_hashes
 from skylb_extproc.policy.base import RoutingPolicy
 from skylb_extproc.policy.common import (
     CHARS_PER_TOKEN,
@@ -35,6 +35,7 @@ from skylb_extproc.policy.common import (
     matched_fraction,
     prefill_seconds,
 )
+from skylb_extproc.policy.consistent_hash import DEFAULT_KEY_BLOCKS
 from skylb_extproc.state.load import LoadTracker
 from skylb_extproc.state.prefix_index import PrefixIndex
 from skylb_extproc.types import (
@@ -120,6 +121,8 @@ class Router:
             max_length=settings.queue_max_length, max_wait_s=settings.queue_max_wait_s
         )
         self._decisions = 0  # policy Route decisions so far: the round-robin cursor
+        # Blocks of prompt the consistent-hashing key covers without a session header.
+        self._key_blocks: int = getattr(policy, "key_blocks", DEFAULT_KEY_BLOCKS)
         self._now = float("-inf")  # latest `now` seen, for next_deadline()
         self._closed = False
 
@@ -142,6 +145,7 @@ class Router:
         """Response headers seen: with `confirm_on_headers`, no longer pending."""
         if self._settings.confirm_on_headers:
             self._load.on_started(request_id, now)
+        self._load.on_prefilled(request_id, now)
         return self._advance(now) + self._poll(now)
 
     def on_finished(self, request_id: str, now: float) -> list[Dispatch]:
@@ -218,6 +222,10 @@ class Router:
         """The prompt's block hashes, as the queue and the prefix index use them."""
         return self._hashes(request)
 
+    def affinity_key(self, request: RouteRequest, hashes: Sequence[int]) -> int | None:
+        """The consistent-hashing key of `request` (hashing.affinity_key with our policy's N)."""
+        return affinity_key(request.hash_key, hashes, self._key_blocks)
+
     def local_match(self, hashes: Sequence[int], now: float) -> int:
         """Most leading blocks of `hashes` any local replica holds."""
         return max(self._index.match(hashes, now).values(), default=0) if hashes else 0
@@ -271,11 +279,15 @@ class Router:
         # What the request will hold in the replica's KV cache once its answer is complete.
         prompt_tokens = math.ceil(len(entry.request.prompt) / CHARS_PER_TOKEN)
         chosen = next(v for v in snapshot.replicas if v.name == route.replica)
+        # The prompt blocks the replica must compute: all but those it holds (Dynamo's new_tokens).
+        uncached = max(0.0, snapshot.prompt_chars / snapshot.block_chars - chosen.matched_blocks)
         self._load.on_dispatch(
             route.replica,
             request_id,
             now,
             kv_tokens=prompt_tokens + (entry.request.max_tokens or 0),
+            blocks=entry.hashes,
+            prefill_blocks=uncached,
             prefill_s=prefill_seconds(chosen, snapshot),
         )
         self._index.insert(route.replica, entry.hashes, now)
@@ -290,17 +302,13 @@ class Router:
     def _snapshot(self, entry: Queued, now: float) -> Snapshot:
         hashes, request = entry.hashes, entry.request
         matched = self._index.match(hashes, now) if hashes else None
-        if request.hash_key:
-            key: int | None = key_hash(request.hash_key)
-        else:
-            key = hashes[0] if hashes else None  # the conversation's opening block
         return Snapshot(
-            replicas=self._load.views(now, matched),
+            replicas=self._load.views(now, matched, hashes),
             prompt_blocks=len(hashes),
             prompt_chars=len(request.prompt),
             block_chars=self._settings.block_chars,
             decisions=self._decisions,
-            key_hash=key,
+            key_hash=self.affinity_key(request, hashes),
         )
 
     def _hashes(self, request: RouteRequest) -> tuple[int, ...]:

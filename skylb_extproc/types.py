@@ -90,6 +90,14 @@ class ReplicaView:
     backlog_s: float = 0.0
     # Predicted seconds a request would wait in the engine's queue for KV blocks or a batch slot.
     admit_wait_s: float = 0.0
+    # Scraped gauges as the engine reports them (llm-d's queue and KV-utilization scorers);
+    # 0 when never scraped or not exported, as llm-d's metrics default to.
+    waiting: float = 0.0  # vllm:num_requests_waiting of the last successful scrape
+    kv_usage: float = 0.0  # vllm:kv_cache_usage_perc of the last successful scrape, 0..1
+    # What this balancer's own in-flight requests hold there (Dynamo's ActiveSequences):
+    active_blocks: int = 0  # distinct prompt block hashes of our requests in flight there
+    active_overlap_blocks: int = 0  # leading blocks of this request among those
+    prefill_blocks: float = 0.0  # uncached prompt blocks of ours there without a first token yet
 
 
 @dataclass(frozen=True, slots=True)

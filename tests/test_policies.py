@@ -281,6 +281,8 @@ def test_selective_consistent_hash_waits() -> None:
         "least_load",
         "round_robin",
         "consistent_hash",
+        "llm_d",
+        "dynamo",
     }
 
 
@@ -295,7 +297,12 @@ def test_defaults() -> None:
         "balance_rel_threshold": 1.5,
     }
     ch = make_policy("consistent_hash", {})
-    assert vars(ch) == {"virtual_nodes": 1024, "selective": False, "waits": False}
+    assert vars(ch) == {
+        "virtual_nodes": 1024,
+        "selective": False,
+        "key_blocks": 16,
+        "waits": False,
+    }
 
 
 @pytest.mark.parametrize(

@@ -288,15 +288,17 @@ def test_round_robin_cursor_counts_routes_only() -> None:
     ]
 
 
-def test_consistent_hash_key_from_header_or_first_block() -> None:
-    router = make("consistent_hash")
+@pytest.mark.parametrize(("key_blocks", "same"), [(1, True), (16, False)])
+def test_consistent_hash_key_from_header_or_leading_blocks(key_blocks: int, same: bool) -> None:
+    router = make("consistent_hash", {"key_blocks": key_blocks})
     # Golden (see test_policies): key "alice" lands on r2, "bob" on r0.
     assert router.on_request(chat("a", P, hash_key="alice"), 1.0) == [routed("a", "r2", "hash")]
     assert router.on_request(chat("b", Q, hash_key="bob"), 1.0) == [routed("b", "r0", "hash")]
-    # No header: the first block ("system: ") decides, so P and Q go to the same replica.
+    # No header: the leading `key_blocks` blocks decide. P and Q share only their first block
+    # ("system: "): keyed on it they land together; keyed on more they are told apart.
     [first] = router.on_request(chat("c", P), 1.0)
     [second] = router.on_request(chat("d", Q), 1.0)
-    assert first.decision == second.decision
+    assert (first.decision == second.decision) is same
     # Shorter than one block and no header: least load.
     assert router.on_request(chat("e", "hi"), 1.0)[0].decision == Route(
         "r1", "10.0.0.1:8000", "least_load"
@@ -328,7 +330,7 @@ def test_snapshot_contents() -> None:
     first, second = spy.snapshots
     hashes = block_hashes(P, model="m", block_chars=8, max_blocks=4096)
     assert (first.prompt_blocks, first.prompt_chars, first.block_chars) == (4, 35, 8)
-    assert (first.decisions, first.key_hash) == (0, hashes[0])
+    assert (first.decisions, first.key_hash) == (0, hashes[-1])  # under 16 blocks: all of them
     assert [v.matched_blocks for v in first.replicas] == [0, 0, 0]
     assert (second.decisions, second.key_hash, second.prompt_blocks) == (1, key_hash("k"), 5)
     assert [(v.name, v.matched_blocks, v.in_flight) for v in second.replicas] == [

@@ -6,6 +6,8 @@
 | skylb-ch | per region, own replicas | `consistent_hash` | selective | spill by region ring |
 | skylb-cost | per region, own replicas | `skylb` (prefix) | selective | spill by expected TTFT |
 | region-local | per region, own replicas | `prefix_affinity` | blind | none |
+| llm-d | per region, own replicas | `llm_d` (prefix 3 : queue 2 : kv 2) | blind | none |
+| dynamo | per region, own replicas | `dynamo` (prefill + decode blocks) | blind | none |
 | least-load | one, in the first region, all replicas | `least_load` | blind | via the one LB |
 | round-robin | same | `round_robin` | blind | via the one LB |
 | consistent-hash | same | `consistent_hash` | blind | via the one LB |
@@ -17,7 +19,11 @@ load and pushes at once (the gateway keeps no queue of its own), and never leave
 The single-balancer baselines sit in the first region, as the paper's ran in us-east-2, so
 clients of other regions pay the RTT to it and it pays the RTT to other regions' replicas.
 
-`skylb-affinity` is run only when named in `--policies` (the default list is the eight above): the
+`llm-d` and `dynamo` are deployed as their users deploy them: one picker (an llm-d EPP, a Dynamo
+frontend with `--router-mode kv`) per region in front of that region's replicas, pushing at
+once, with no notion of other regions.
+
+`skylb-affinity` is run only when named in `--policies` (the default list is the ten above): the
 paper's skylb, except that a replica holding more than `cache_threshold` of the prompt also takes
 it with one request pending (policy/skylb.py).
 
@@ -63,10 +69,13 @@ _TABLE: dict[str, tuple[str, dict[str, object], bool, Mode | None]] = {
     "round-robin": ("round_robin", {}, False, None),
     "consistent-hash": ("consistent_hash", {}, False, None),
     "sglang": ("prefix_affinity", {}, False, None),
+    "llm-d": ("llm_d", {}, True, None),
+    "dynamo": ("dynamo", {}, True, None),
     "skylb-affinity": ("skylb_paper", {"affinity_slack": 1}, True, "prefix"),
 }
 SYSTEMS: tuple[str, ...] = tuple(_TABLE)
-POLICIES: tuple[str, ...] = SYSTEMS[:9]  # what runs unless --policies names others
+# What runs unless --policies names others: every system but the on-request variants.
+POLICIES: tuple[str, ...] = tuple(s for s in SYSTEMS if s not in ("skylb-affinity",))
 
 # The live server's defaults except the queue bounds (confirm_on_headers stays off, as for vLLM,
 # which sends response headers on accept). Waiting is part of the latency being measured, so

@@ -22,7 +22,9 @@ from typing import Protocol
 from skylb_extproc.errors import ConfigError
 from skylb_extproc.policy import (
     consistent_hash,
+    dynamo,
     least_load,
+    llm_d,
     prefix_affinity,
     round_robin,
     skylb,
@@ -56,6 +58,8 @@ _FACTORIES: dict[str, Callable[[Mapping[str, object]], RoutingPolicy]] = {
     "least_load": least_load.create,
     "round_robin": round_robin.create,
     "consistent_hash": consistent_hash.create,
+    "llm_d": llm_d.create,
+    "dynamo": dynamo.create,
 }
 
 DEFAULT_POLICY = "skylb"

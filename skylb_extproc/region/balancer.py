@@ -35,7 +35,6 @@ from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 
-from skylb_extproc.hashing import key_hash
 from skylb_extproc.region.cost import CostModel
 from skylb_extproc.region.peers import PeerSummary, PeerTable, summarize
 from skylb_extproc.region.spill import Forward, RegionView, SpillPlanner, candidates
@@ -276,10 +275,7 @@ class RegionBalancer:
         planner, cost = self._spill.planner, self._spill.cost
         if cost is not None and not rescue:
             return self._choose_by_cost(request, hashes, views, now, queue)
-        if request.hash_key:
-            key: int | None = key_hash(request.hash_key)
-        else:
-            key = hashes[0] if hashes else None
+        key = self.router.affinity_key(request, hashes)
         return planner.decide(
             views,
             our_queue=queue,

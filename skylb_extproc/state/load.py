@@ -30,6 +30,9 @@ Rules (docs/internals.md):
   server and the evaluator predict the same way.
 - admit_wait_s = pending x the replica's recent seconds between finishes (our requests, last
   `FINISH_WINDOW_S`): a request the engine cannot admit waits for requests ahead to end.
+- active_blocks = distinct prompt block hashes of our in-flight requests there; prefill_blocks =
+  the uncached prompt blocks (at dispatch) of those without a first token yet (`on_prefilled`).
+  What NVIDIA Dynamo's router counts of the requests it routed (its ActiveSequences).
 
 A scrape result that began before the one already recorded is ignored: it is older news.
 """
@@ -37,6 +40,7 @@ A scrape result that began before the one already recorded is ignored: it is old
 from __future__ import annotations
 
 import math
+from bisect import bisect_left
 from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -65,6 +69,11 @@ class _Replica:
     busy_until: float = -math.inf  # when the prefill we sent ends, if the replica is FIFO
     prefill_s: dict[str, float] = field(default_factory=dict)  # unfinished id -> its prefill
     finishes: deque[float] = field(default_factory=deque)  # our finishes, last FINISH_WINDOW_S
+    # Prompt block hashes of our in-flight requests -> how many of them hold each one. Chained
+    # hashes make this set prefix-closed: a request holding block i holds blocks 0..i-1.
+    blocks: dict[int, int] = field(default_factory=dict)
+    # Our in-flight requests without a first token yet -> their uncached prompt blocks.
+    prefill: dict[str, float] = field(default_factory=dict)
 
 
 class LoadTracker:
@@ -97,6 +106,7 @@ class LoadTracker:
         self._prefill_tps = prefill_tokens_per_s
         self._decode_step_s = decode_step_s
         self._where: dict[str, str] = {}  # request id -> replica, while in flight
+        self._held: dict[str, Sequence[int]] = {}  # request id -> its prompt block hashes
 
     def on_dispatch(
         self,
@@ -107,6 +117,8 @@ class LoadTracker:
         pending: bool = True,
         kv_tokens: int = 0,
         prefill_s: float = 0.0,
+        blocks: Sequence[int] = (),
+        prefill_blocks: float = 0.0,
     ) -> None:
         """We sent `request_id` to `replica`.
 
@@ -115,6 +127,8 @@ class LoadTracker:
         `kv_tokens`: what the request will hold in the replica's KV cache (prompt + max_tokens),
         for projecting whether the replica can admit it before a scrape has seen it.
         `prefill_s`: its predicted prefill there, added to the replica's backlog.
+        `blocks`: its prompt block hashes; `prefill_blocks`: the prompt blocks the replica must
+        compute (not cached there); both held until it finishes (prefill: until `on_prefilled`).
         """
         state = self._get(replica)
         self.on_finished(request_id, now)  # a reused id replaces the old record
@@ -125,6 +139,18 @@ class LoadTracker:
         if prefill_s > 0:
             state.busy_until = max(now, state.busy_until) + prefill_s
             state.prefill_s[request_id] = prefill_s
+        if blocks:
+            self._held[request_id] = blocks
+            for h in blocks:
+                state.blocks[h] = state.blocks.get(h, 0) + 1
+        if prefill_blocks > 0:
+            state.prefill[request_id] = prefill_blocks
+
+    def on_prefilled(self, request_id: str, now: float) -> None:
+        """The first token came back: its prompt is computed (Dynamo's mark_prefill_completed)."""
+        replica = self._where.get(request_id)
+        if replica is not None:
+            self._replicas[replica].prefill.pop(request_id, None)
 
     def on_started(self, request_id: str, now: float) -> None:
         """Response headers seen: the engine has taken the request, it no longer waits."""
@@ -145,6 +171,13 @@ class LoadTracker:
                 state.busy_until = min(state.busy_until, left)
                 state.finishes.append(now)
                 _trim(state.finishes, now)
+            state.prefill.pop(request_id, None)
+            for h in self._held.pop(request_id, ()):
+                left = state.blocks[h] - 1
+                if left:
+                    state.blocks[h] = left
+                else:
+                    del state.blocks[h]
 
     def on_scrape(
         self, replica: str, metrics: ScrapedMetrics | None, *, started_at: float, now: float
@@ -168,14 +201,16 @@ class LoadTracker:
         state.unseen = {rid: u for rid, u in state.unseen.items() if u[0] >= visible_before}
 
     def views(
-        self, now: float, matched: Mapping[str, int] | None = None
+        self, now: float, matched: Mapping[str, int] | None = None, hashes: Sequence[int] = ()
     ) -> tuple[ReplicaView, ...]:
-        """Every configured replica, in config order, as policies see it at `now`."""
+        """Every configured replica, in config order, as policies see it at `now`; `hashes`:
+        the request's block hashes, for `active_overlap_blocks`."""
         matched = matched or {}
         out: list[ReplicaView] = []
         for name, state in self._replicas.items():
             healthy = self._healthy(state, now)
             pending = self._pending(state)
+            m = state.metrics
             out.append(
                 ReplicaView(
                     name=name,
@@ -189,6 +224,11 @@ class LoadTracker:
                     decode_step_s=self._decode_step_s,
                     backlog_s=max(0.0, state.busy_until - now),
                     admit_wait_s=pending * _finish_interval(state.finishes, now),
+                    waiting=0.0 if m is None else m.waiting,
+                    kv_usage=0.0 if m is None or m.kv_usage is None else m.kv_usage,
+                    active_blocks=len(state.blocks),
+                    active_overlap_blocks=_held_prefix(state.blocks, hashes),
+                    prefill_blocks=sum(state.prefill.values()),
                 )
             )
         return tuple(out)
@@ -288,3 +328,11 @@ def _finish_interval(finishes: deque[float], now: float) -> float:
     if not finishes:
         return NO_FINISH_INTERVAL_S
     return FINISH_WINDOW_S / len(finishes)
+
+
+def _held_prefix(held: Mapping[int, int], hashes: Sequence[int]) -> int:
+    """How many leading `hashes` are in `held`. The set is prefix-closed along a hash chain, so
+    the answer is the first miss, found by bisection instead of a lookup per block."""
+    if not held or not hashes:
+        return 0
+    return bisect_left(range(len(hashes)), True, key=lambda i: hashes[i] not in held)
