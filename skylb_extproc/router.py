@@ -33,6 +33,7 @@ from skylb_extproc.policy.common import (
     CHARS_PER_TOKEN,
     least_loaded,
     matched_fraction,
+    predicted_ttft,
     prefill_seconds,
 )
 from skylb_extproc.policy.consistent_hash import DEFAULT_KEY_BLOCKS
@@ -226,6 +227,19 @@ class Router:
         """The consistent-hashing key of `request` (hashing.affinity_key with our policy's N)."""
         return affinity_key(request.hash_key, hashes, self._key_blocks)
 
+    def best_local(
+        self, request: RouteRequest, hashes: tuple[int, ...], now: float
+    ) -> float | None:
+        """The lowest predicted TTFT of `request` on a healthy local replica (None: none is)."""
+        snapshot = self._snapshot_of(request, hashes, now)
+        healthy = (v for v in snapshot.replicas if v.healthy)
+        return min((predicted_ttft(v, snapshot) for v in healthy), default=None)
+
+    @property
+    def prefill_tokens_per_s(self) -> float:
+        """The replicas' prior prefill speed (what a peer that reports none is assumed to have)."""
+        return self._settings.prefill_tokens_per_s
+
     def local_match(self, hashes: Sequence[int], now: float) -> int:
         """Most leading blocks of `hashes` any local replica holds."""
         return max(self._index.match(hashes, now).values(), default=0) if hashes else 0
@@ -300,7 +314,9 @@ class Router:
         )
 
     def _snapshot(self, entry: Queued, now: float) -> Snapshot:
-        hashes, request = entry.hashes, entry.request
+        return self._snapshot_of(entry.request, entry.hashes, now)
+
+    def _snapshot_of(self, request: RouteRequest, hashes: tuple[int, ...], now: float) -> Snapshot:
         matched = self._index.match(hashes, now) if hashes else None
         return Snapshot(
             replicas=self._load.views(now, matched, hashes),
@@ -308,6 +324,7 @@ class Router:
             prompt_chars=len(request.prompt),
             block_chars=self._settings.block_chars,
             decisions=self._decisions,
+            max_tokens=request.max_tokens or 0,
             key_hash=self.affinity_key(request, hashes),
         )
 

@@ -90,6 +90,11 @@ class ReplicaView:
     backlog_s: float = 0.0
     # Predicted seconds a request would wait in the engine's queue for KV blocks or a batch slot.
     admit_wait_s: float = 0.0
+    # KV tokens free once our unseen dispatches are admitted (inf: the engine does not say), and
+    # the replica's recent seconds between finishes: one more request that does not fit waits
+    # about that long for one to end.
+    kv_free_tokens: float = float("inf")
+    finish_interval_s: float = 0.0
     # Scraped gauges as the engine reports them (llm-d's queue and KV-utilization scorers);
     # 0 when never scraped or not exported, as llm-d's metrics default to.
     waiting: float = 0.0  # vllm:num_requests_waiting of the last successful scrape
@@ -109,6 +114,7 @@ class Snapshot:
     prompt_chars: int  # length of the request's prompt text
     block_chars: int  # characters per hashed block
     decisions: int  # decisions made so far by this router (round robin cursor)
+    max_tokens: int = 0  # the request's max_tokens (0: not given)
     key_hash: int | None = None  # 64-bit hash of the consistent-hashing key, if any
 
 

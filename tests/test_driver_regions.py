@@ -148,4 +148,8 @@ def test_peer_state_only_with_valid_auth() -> None:
         "in_flight": [3],
         "dispatch_rate": 0.5,
         "timestamp": NOW,
+        "wait_s": 0.0,
+        "prefill_tokens_per_s": None,
+        "kv_free_tokens": None,
+        "finish_interval_s": 0.0,
     }

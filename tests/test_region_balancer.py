@@ -288,7 +288,12 @@ def test_summary_round_trips_through_json() -> None:
     b.on_scrape("r1", BUSY, started_at=1.0, now=1.0)
     b.on_request(req("b"), 1.0)  # queued
     s = b.summary(1.0, timestamp=1_718_000_000.5)
-    assert s == PeerSummary("us", 1, 0, (1, 0), 2, 0.1, 1_718_000_000.5)
+    # r0 has our unseen dispatch pending, r1 a waiting request: each waits one finish, 2 s
+    # before any finish was seen; the replicas report no KV numbers (no free KV known).
+    assert s == PeerSummary(
+        "us", 1, 0, (1, 0), 2, 0.1, 1_718_000_000.5,
+        wait_s=2.0, prefill_tokens_per_s=4700.0, kv_free_tokens=None, finish_interval_s=2.0,
+    )  # fmt: skip
     assert summary_from_json(json.loads(json.dumps(summary_to_json(s)))) == s
 
 

@@ -30,6 +30,7 @@ from skylb_extproc.config import (
     Config,
     ListenConfig,
     PeerConfig,
+    PolicyConfig,
     QueueConfig,
     ScrapeConfig,
     SpillConfig,
@@ -81,7 +82,9 @@ def config(name: str, replica: FakeReplica, peers: tuple[PeerConfig, ...], secre
         shutdown_grace_s=0.2,
         peers=peers,
         secret_file=str(secret),
-        spill=SpillConfig(poll_interval_s=0.02, stale_after_s=0.5),
+        # The paper's rules: this test is about markers and forwarding, named by their reasons.
+        policy=PolicyConfig(name="skylb_paper"),
+        spill=SpillConfig(mode="prefix", poll_interval_s=0.02, stale_after_s=0.5),
     )
 
 

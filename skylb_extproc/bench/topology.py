@@ -57,10 +57,10 @@ from skylb_extproc.types import ReplicaSpec
 
 __all__ = ["BENCH_ROUTER_SETTINGS", "POLICIES", "SYSTEMS", "System", "build_system"]
 
-Mode = Literal["prefix", "hash", "cost"]
+Mode = Literal["prefix", "hash", "cost", "predict"]
 # name -> (router policy, its params, one balancer per region?, spill mode or None)
 _TABLE: dict[str, tuple[str, dict[str, object], bool, Mode | None]] = {
-    "skylb": ("skylb", {}, True, "cost"),
+    "skylb": ("skylb", {}, True, "predict"),
     "skylb-paper": ("skylb_paper", {}, True, "prefix"),
     "skylb-ch": ("consistent_hash", {"selective": True}, True, "hash"),
     "skylb-cost": ("skylb_paper", {}, True, "cost"),

@@ -15,10 +15,14 @@ from skylb_extproc.types import Outcome, Reject, ReplicaView, Route, Snapshot
 __all__ = [
     "ParamReader",
     "best_match",
+    "kv_tokens",
     "least_loaded",
     "matched_fraction",
     "no_replica",
+    "predicted_ttft",
     "prefill_seconds",
+    "prefill_time",
+    "queue_seconds",
     "route",
 ]
 
@@ -37,17 +41,42 @@ def matched_fraction(view: ReplicaView, snapshot: Snapshot) -> float:
     return min(1.0, view.matched_blocks * snapshot.block_chars / snapshot.prompt_chars)
 
 
-def prefill_seconds(view: ReplicaView, snapshot: Snapshot) -> float:
-    """Predicted prefill of the part of the prompt `view` does not hold, at its speed.
+def prefill_time(prompt_chars: int, held_chars: int, tokens_per_s: float) -> float:
+    """Seconds to prefill the `prompt_chars - held_chars` a replica does not hold.
 
     Each new token also attends to the tokens before it (cached or not), which costs as much as
     the rest of the forward pass at ATTENTION_TOKENS of context: a long uncached prompt costs
     more than its length at the short-prompt rate."""
-    held = min(snapshot.prompt_chars, view.matched_blocks * snapshot.block_chars)
+    held = min(prompt_chars, max(0, held_chars))
     cached = held / CHARS_PER_TOKEN
-    uncached = (snapshot.prompt_chars - held) / CHARS_PER_TOKEN
+    uncached = (prompt_chars - held) / CHARS_PER_TOKEN
     context = cached + uncached / 2
-    return uncached / view.prefill_tokens_per_s * (1.0 + context / ATTENTION_TOKENS)
+    return uncached / tokens_per_s * (1.0 + context / ATTENTION_TOKENS)
+
+
+def prefill_seconds(view: ReplicaView, snapshot: Snapshot) -> float:
+    """Predicted prefill of the part of the prompt `view` does not hold, at its speed."""
+    held = view.matched_blocks * snapshot.block_chars
+    return prefill_time(snapshot.prompt_chars, held, view.prefill_tokens_per_s)
+
+
+def queue_seconds(view: ReplicaView, kv_tokens: float = 0.0) -> float:
+    """Seconds a request that will hold `kv_tokens` waits at `view` before its prefill starts:
+    our prefill backlog there, the engine's own queue, and one more finish if it does not fit."""
+    wait = view.backlog_s + view.admit_wait_s
+    if kv_tokens > view.kv_free_tokens:
+        wait += view.finish_interval_s
+    return wait
+
+
+def kv_tokens(snapshot: Snapshot) -> float:
+    """What the request will hold in a replica's KV cache: prompt plus answer."""
+    return snapshot.prompt_chars / CHARS_PER_TOKEN + snapshot.max_tokens
+
+
+def predicted_ttft(view: ReplicaView, snapshot: Snapshot) -> float:
+    """Queueing plus the prefill of what `view` does not hold (the `skylb` policy's estimate)."""
+    return queue_seconds(view, kv_tokens(snapshot)) + prefill_seconds(view, snapshot)
 
 
 def least_loaded(views: Iterable[ReplicaView], rotation: int = 0) -> ReplicaView | None:

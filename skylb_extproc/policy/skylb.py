@@ -37,23 +37,18 @@ from __future__ import annotations
 import random
 from collections.abc import Mapping
 
-from skylb_extproc.policy.common import ParamReader, prefill_seconds, route
-from skylb_extproc.types import Decision, ReplicaView, RouteRequest, Snapshot, Wait
+from skylb_extproc.policy.common import (
+    ParamReader,
+    predicted_ttft,
+    queue_seconds,
+    route,
+)
+from skylb_extproc.types import Decision, RouteRequest, Snapshot, Wait
 
-__all__ = ["SkyLBPolicy", "create", "predicted_ttft", "queue_seconds"]
+__all__ = ["SkyLBPolicy", "create"]
 
 # Any healthy replica may take a request (the prediction, not the pending count, decides).
 ANY_PENDING = 1 << 30
-
-
-def queue_seconds(view: ReplicaView) -> float:
-    """Seconds a request sent to `view` now waits before its own prefill starts."""
-    return view.backlog_s + view.admit_wait_s
-
-
-def predicted_ttft(view: ReplicaView, snapshot: Snapshot) -> float:
-    """Queueing plus the prefill of what `view` does not hold."""
-    return queue_seconds(view) + prefill_seconds(view, snapshot)
 
 
 class SkyLBPolicy:
@@ -83,6 +78,8 @@ class SkyLBPolicy:
             ),
         )
         chosen = healthy[best]
+        # Held on the replica's queue alone: a request that merely does not fit yet would be
+        # jumped by every smaller one behind it, and starve.
         if queue_seconds(chosen) > self.hold_s:
             return Wait()
         return route(chosen, "prefix" if chosen.matched_blocks else "predicted")

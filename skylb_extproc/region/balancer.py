@@ -32,11 +32,13 @@ queue slot, so one summary cannot draw the whole queue into one region.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
-from skylb_extproc.region.cost import CostModel
+from skylb_extproc.policy.common import CHARS_PER_TOKEN
+from skylb_extproc.region.cost import CostModel, wait_estimate
 from skylb_extproc.region.peers import PeerSummary, PeerTable, summarize
+from skylb_extproc.region.predict import choose_by_prediction
 from skylb_extproc.region.spill import Forward, RegionView, SpillPlanner, candidates
 from skylb_extproc.router import Router
 from skylb_extproc.types import Dispatch, Outcome, Reject, Route, RouteRequest, ScrapedMetrics
@@ -82,6 +84,8 @@ class Spill:
     peers: PeerTable
     planner: SpillPlanner
     cost: CostModel | None = None
+    margin_s: float = 0.05  # predict mode: a peer must beat local by this much
+    max_wait_s: float = 30.0  # predict mode: the local wait when nothing drains
 
 
 class RegionBalancer:
@@ -102,14 +106,15 @@ class RegionBalancer:
         self._residency = residency or Residency()
         self._rate_window_s = rate_window_s
         self._dispatched: deque[float] = deque()  # local inference dispatch instants
-        self._sent: dict[str, list[float]] = {}  # peer -> forwards not yet in its summary
+        # peer -> forwards not yet in its summary: (when, predicted prefill s, KV tokens)
+        self._sent: dict[str, list[tuple[float, float, float]]] = {}
         self._out: dict[str, str] = {}  # forwarded request id -> peer, until its stream ends
 
     # --- events ---------------------------------------------------------------------------------
 
     def on_request(self, request: RouteRequest, now: float) -> list[Action]:
         if self._spill is not None and request.origin is None:
-            direct = self._direct(request, now)
+            direct = self._direct(request, now) or self._predicted(request, now)
             if direct is not None:
                 return [direct]
         return self._after(self.router.on_request(request, now), now)
@@ -145,7 +150,7 @@ class RegionBalancer:
         self._spill.peers.update(summary, now, rtt_s=rtt_s)
         begun = now if started_at is None else started_at
         sent = self._sent.get(summary.region, [])
-        self._sent[summary.region] = [t for t in sent if t >= begun]
+        self._sent[summary.region] = [x for x in sent if x[0] >= begun]
         return self._after([], now)
 
     def shutdown(self, now: float) -> list[Action]:
@@ -216,6 +221,20 @@ class RegionBalancer:
             return self._forward(request.request_id, hashes, fwd, now, rescue=True)
         return None if here else Dispatch(request.request_id, NO_ALLOWED_REGION)
 
+    def _predicted(self, request: RouteRequest, now: float) -> Action | None:
+        """`predict` mode at arrival: leave at once if a peer is the better bet (rule 5 asks
+        again while it waits)."""
+        assert self._spill is not None
+        if self._spill.planner.settings.mode != "predict" or not request.inference:
+            return None
+        allowed = self._residency.allowed_for(request)
+        if not self._may_leave(allowed):
+            return None
+        hashes = self.router.hashes(request)
+        queue = self.router.queue_length
+        fwd = self._choose(request, hashes, allowed, now, queue=queue, rescue=False)
+        return None if fwd is None else self._forward(request.request_id, hashes, fwd, now)
+
     def _after(self, out: list[Dispatch], now: float) -> list[Action]:
         """Count local dispatches (the rate), then spill what the queue still holds (rule 5)."""
         for dispatch in out:
@@ -273,6 +292,8 @@ class RegionBalancer:
         if not views:
             return None
         planner, cost = self._spill.planner, self._spill.cost
+        if planner.settings.mode == "predict" and not rescue:
+            return self._choose_by_prediction(request, hashes, views, now, queue)
         if cost is not None and not rescue:
             return self._choose_by_cost(request, hashes, views, now, queue)
         key = self.router.affinity_key(request, hashes)
@@ -311,6 +332,34 @@ class RegionBalancer:
             views, ok, local_s=local_s, matched=matched, prompt_chars=prompt, block_chars=block
         )
 
+    def _choose_by_prediction(
+        self,
+        request: RouteRequest,
+        hashes: tuple[int, ...],
+        views: list[RegionView],
+        now: float,
+        queue: int,
+    ) -> Forward | None:
+        """`queue` requests wait here ahead of this one: they drain at our dispatch rate."""
+        assert self._spill is not None
+        local = self.router.best_local(request, hashes, now)
+        if local is not None:
+            local += wait_estimate(queue, self.dispatch_rate(now), self._spill.max_wait_s)
+        sent = {v.name: _unsummarized(self._sent.get(v.name, ()), v) for v in views}
+        return choose_by_prediction(
+            views,
+            local_s=local,
+            matched=self._spill.planner.match(hashes, now),
+            prompt_chars=len(request.prompt),
+            block_chars=self.router.block_chars,
+            kv_tokens=len(request.prompt) / CHARS_PER_TOKEN + (request.max_tokens or 0),
+            sent=sent,
+            margin_s=self._spill.margin_s,
+            tokens_per_s=self.router.prefill_tokens_per_s,
+            max_wait_s=self._spill.max_wait_s,
+            our_queue=queue,
+        )
+
     def _forward(
         self,
         request_id: str,
@@ -323,7 +372,7 @@ class RegionBalancer:
     ) -> Forwarding:
         assert self._spill is not None
         self._spill.planner.record(fwd.region, hashes, now)
-        self._sent.setdefault(fwd.region, []).append(now)
+        self._sent.setdefault(fwd.region, []).append((now, fwd.prefill_s, fwd.kv_tokens))
         self._out[request_id] = fwd.region
         return Forwarding(request_id, fwd, waited_s, rescue)
 
@@ -342,3 +391,11 @@ class RegionBalancer:
         horizon = now - self._rate_window_s
         while self._dispatched and self._dispatched[0] < horizon:
             self._dispatched.popleft()
+
+
+def _unsummarized(
+    sent: Sequence[tuple[float, float, float]], peer: RegionView
+) -> tuple[float, float]:
+    """Prefill seconds per healthy replica and KV tokens we sent `peer` since its summary."""
+    replicas = max(1, peer.healthy_replicas or 1)
+    return sum(x[1] for x in sent) / replicas, sum(x[2] for x in sent)

@@ -5,6 +5,7 @@ belong to the server (`server/app.py`)."""
 from __future__ import annotations
 
 import random
+from typing import Literal
 
 from skylb_extproc.config import Config
 from skylb_extproc.policy.base import make_policy
@@ -15,6 +16,13 @@ from skylb_extproc.region.spill import SpillPlanner, SpillSettings
 from skylb_extproc.router import Router
 
 __all__ = ["build_balancer", "build_router"]
+
+_MODES: dict[str, Literal["prefix", "hash", "cost", "predict"]] = {
+    "prefix": "prefix",
+    "hash": "hash",
+    "cost": "cost",
+    "predict": "predict",
+}
 
 
 def build_router(config: Config) -> Router:
@@ -43,7 +51,7 @@ def _spill(config: Config) -> Spill:
         {p.name: (p.rtt_ms or 0.0) / 2000.0 for p in config.peers}, stale_after_s=s.stale_after_s
     )
     settings = SpillSettings(
-        mode="hash" if s.mode == "hash" else "cost" if s.mode == "cost" else "prefix",
+        mode=_MODES[s.mode],
         tau=s.tau,
         cache_threshold=s.cache_threshold,
         index_blocks_per_region=config.prefix.max_blocks_per_replica,
@@ -61,7 +69,8 @@ def _spill(config: Config) -> Spill:
                 max_wait_s=config.queue.max_wait_s,
             )
         )
-    return Spill(table, SpillPlanner(config.region, regions, settings), cost)
+    planner = SpillPlanner(config.region, regions, settings)
+    return Spill(table, planner, cost, margin_s=s.cost.margin_s, max_wait_s=config.queue.max_wait_s)
 
 
 def _residency(config: Config) -> Residency:

@@ -12,7 +12,7 @@ residency:
   tenant_header: x-tenant       # optional: a header naming the tenant ...
   tenants: {acme: [us]}         # ... whose allowed set replaces allowed_regions
 spill:
-  mode: prefix                  # prefix (SkyLB) | hash (SkyLB-CH) | cost (our expected-TTFT model)
+  mode: predict                 # predict (ours, default) | prefix (SkyLB) | hash (SkyLB-CH) | cost
   tau: 10                       # a peer with a longer queue takes nothing
   cache_threshold: 0.5          # prefix match share that picks a region by prefix
   poll_interval_s: 0.1          # each peer's /peer/state
@@ -54,7 +54,7 @@ __all__ = [
     "read_secret",
 ]
 
-SPILL_MODES = ("prefix", "hash", "cost")
+SPILL_MODES = ("predict", "prefix", "hash", "cost")
 # Envoy cluster names end up in a header value and in Envoy's config: keep them plain.
 _CLUSTER_RE = re.compile(r"^[A-Za-z0-9_.:-]+$")
 _HEADER_RE = re.compile(r"^[a-z0-9-]+$")
@@ -85,7 +85,7 @@ class CostConfig:
 
 @dataclass(frozen=True)
 class SpillConfig:
-    mode: str = "prefix"
+    mode: str = "predict"
     tau: int = 10
     cache_threshold: float = 0.5
     poll_interval_s: float = 0.1

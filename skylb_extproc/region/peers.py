@@ -13,6 +13,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from skylb_extproc.policy.common import queue_seconds
 from skylb_extproc.region.spill import RegionView
 from skylb_extproc.types import ReplicaView
 
@@ -30,6 +31,14 @@ class PeerSummary:
     healthy_replicas: int | None = None  # None: not reported (older publishers, the evaluator)
     dispatch_rate: float = 0.0  # local dispatches per second, recently (the cost model's drain)
     timestamp: float = 0.0  # publisher's UNIX time; informative, freshness is our arrival time
+    # For `spill.mode: predict`: the shortest predicted queue before a prefill starts on one of
+    # its healthy replicas, and their mean prefill speed (None: not reported, older publishers).
+    wait_s: float = 0.0
+    prefill_tokens_per_s: float | None = None
+    # The most KV tokens free on one healthy replica (None: unknown or unlimited), and that
+    # replica's seconds between finishes: a request larger than that waits about that long.
+    kv_free_tokens: float | None = None
+    finish_interval_s: float = 0.0
 
 
 def summarize(
@@ -41,6 +50,10 @@ def summarize(
     timestamp: float = 0.0,
 ) -> PeerSummary:
     """A region's summary from its queue length and its replicas as its router sees them."""
+    healthy = [r for r in replicas if r.healthy]
+    speeds = [r.prefill_tokens_per_s for r in healthy]
+    roomiest = max(healthy, key=lambda r: r.kv_free_tokens, default=None)
+    free = None if roomiest is None else roomiest.kv_free_tokens
     return PeerSummary(
         region=region,
         queue_length=queue_length,
@@ -49,6 +62,10 @@ def summarize(
         healthy_replicas=sum(1 for r in replicas if r.healthy),
         dispatch_rate=dispatch_rate,
         timestamp=timestamp,
+        wait_s=min((queue_seconds(r) for r in healthy), default=0.0),
+        prefill_tokens_per_s=sum(speeds) / len(speeds) if speeds else None,
+        kv_free_tokens=None if free is None or math.isinf(free) else free,
+        finish_interval_s=0.0 if roomiest is None else roomiest.finish_interval_s,
     )
 
 
@@ -62,6 +79,10 @@ def summary_to_json(summary: PeerSummary) -> dict[str, Any]:
         "in_flight": list(summary.in_flight),
         "dispatch_rate": summary.dispatch_rate,
         "timestamp": summary.timestamp,
+        "wait_s": summary.wait_s,
+        "prefill_tokens_per_s": summary.prefill_tokens_per_s,
+        "kv_free_tokens": summary.kv_free_tokens,
+        "finish_interval_s": summary.finish_interval_s,
     }
 
 
@@ -87,6 +108,9 @@ def summary_from_json(data: object) -> PeerSummary:
     if not isinstance(in_flight, list):
         raise ValueError("in_flight: expected a list")
     healthy = data.get("healthy_replicas")
+    speed = data.get("prefill_tokens_per_s")
+    if speed is not None and _real(data, "prefill_tokens_per_s") <= 0:
+        raise ValueError(f"prefill_tokens_per_s: expected a speed > 0, got {speed!r}")
     return PeerSummary(
         region=data["region"],
         queue_length=_count(data, "queue_length"),
@@ -95,6 +119,12 @@ def summary_from_json(data: object) -> PeerSummary:
         healthy_replicas=None if healthy is None else _count(data, "healthy_replicas"),
         dispatch_rate=_real(data, "dispatch_rate"),
         timestamp=_real(data, "timestamp"),
+        wait_s=max(0.0, _real(data, "wait_s")),
+        prefill_tokens_per_s=None if speed is None else _real(data, "prefill_tokens_per_s"),
+        kv_free_tokens=None
+        if data.get("kv_free_tokens") is None
+        else _real(data, "kv_free_tokens"),
+        finish_interval_s=max(0.0, _real(data, "finish_interval_s")),
     )
 
 
@@ -137,6 +167,10 @@ class PeerTable:
                     fresh,
                     healthy_replicas=s.healthy_replicas,
                     dispatch_rate=s.dispatch_rate,
+                    wait_s=s.wait_s,
+                    prefill_tokens_per_s=s.prefill_tokens_per_s,
+                    kv_free_tokens=s.kv_free_tokens,
+                    finish_interval_s=s.finish_interval_s,
                 )
             )
         return tuple(out)

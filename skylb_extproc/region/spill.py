@@ -63,6 +63,10 @@ class RegionView:
     fresh: bool  # the summary is younger than the staleness bound
     healthy_replicas: int | None = None  # None: the peer does not report it
     dispatch_rate: float = 0.0  # its recent local dispatches per second
+    wait_s: float = 0.0  # its shortest predicted queue before a prefill starts
+    prefill_tokens_per_s: float | None = None  # its replicas' mean prefill speed, if reported
+    kv_free_tokens: float | None = None  # most KV tokens free on one replica (None: unknown)
+    finish_interval_s: float = 0.0  # that replica's seconds between finishes
 
     @property
     def load(self) -> float:
@@ -75,13 +79,15 @@ class Forward:
     """Send the request to peer `region`'s balancer."""
 
     region: str
-    reason: str  # "prefix" | "least_load" | "hash"
+    reason: str  # "prefix" | "least_load" | "hash" | "cost" | "predict"
     matched_blocks: int = 0
+    prefill_s: float = 0.0  # predict mode: its predicted prefill there, until the next summary
+    kv_tokens: float = 0.0  # predict mode: the KV tokens it will hold there
 
 
 @dataclass(frozen=True, slots=True)
 class SpillSettings:
-    mode: Literal["prefix", "hash", "cost"] = "prefix"
+    mode: Literal["prefix", "hash", "cost", "predict"] = "prefix"
     tau: int = 10
     cache_threshold: float = 0.5
     virtual_nodes: int = 1024

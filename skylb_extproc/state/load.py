@@ -209,7 +209,8 @@ class LoadTracker:
         out: list[ReplicaView] = []
         for name, state in self._replicas.items():
             healthy = self._healthy(state, now)
-            pending = self._pending(state)
+            pending, free = self._admission(state)
+            interval = _finish_interval(state.finishes, now)
             m = state.metrics
             out.append(
                 ReplicaView(
@@ -223,7 +224,9 @@ class LoadTracker:
                     prefill_tokens_per_s=self._prefill_tps,
                     decode_step_s=self._decode_step_s,
                     backlog_s=max(0.0, state.busy_until - now),
-                    admit_wait_s=pending * _finish_interval(state.finishes, now),
+                    admit_wait_s=pending * interval,
+                    kv_free_tokens=free,
+                    finish_interval_s=interval,
                     waiting=0.0 if m is None else m.waiting,
                     kv_usage=0.0 if m is None or m.kv_usage is None else m.kv_usage,
                     active_blocks=len(state.blocks),
@@ -292,11 +295,15 @@ class LoadTracker:
         )
 
     def _pending(self, state: _Replica) -> int:
+        return self._admission(state)[0]
+
+    def _admission(self, state: _Replica) -> tuple[int, float]:
+        """(pending, KV tokens still free once our unseen dispatches are in; inf: unknown)."""
         # ceil: any positive waiting gauge means the engine's batch is full.
         m = state.metrics
         scraped = 0 if m is None else math.ceil(m.waiting)
         if m is None or m.kv_usage is None or not m.num_gpu_blocks or not m.block_size:
-            return scraped + len(state.unseen)
+            return scraped + len(state.unseen), math.inf
         capacity = m.num_gpu_blocks * (1.0 - self._kv_headroom)
         used = m.kv_usage * m.num_gpu_blocks
         seqs_left = math.inf if state.seq_cap is None else state.seq_cap - m.running
@@ -304,7 +311,7 @@ class LoadTracker:
         for n, (_, tokens) in enumerate(state.unseen.values(), 1):  # dispatch order
             used += max(1, math.ceil(tokens / m.block_size))
             overflow += used > capacity or n > seqs_left
-        return scraped + overflow
+        return scraped + overflow, max(0.0, capacity - used) * m.block_size
 
 
 def _learn_seq_cap(cap: int | None, m: ScrapedMetrics) -> int | None:
