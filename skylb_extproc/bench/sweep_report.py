@@ -118,9 +118,10 @@ def comparison_md(report: Mapping[str, object]) -> list[str]:
     lines = [f"## Default (`{DEFAULT_SYSTEM}`) vs best baseline per level", ""]
     lines += [
         "Best baseline: lowest TTFT P90 among systems not named skylb* that completed every "
-        "request. Ratios are default / best (TTFT: < 1 the default is faster; goodput: > 1 "
-        "it sustains more). Local / forwarded: the default's completed requests served in "
-        "their home region / in another (count, hit rate, TTFT P50 / P90 s).",
+        "request (but those no replica accepts). Ratios are default / best (TTFT: < 1 the "
+        "default is faster; goodput: > 1 it sustains more). Local / forwarded: the default's "
+        "completed requests served in their home region / in another (count, hit rate, "
+        "TTFT P50 / P90 s).",
         "",
         "| level | offered req/s | best baseline | TTFT P50 ratio | TTFT P90 ratio "
         "| hit default / best | goodput ratio | default local | default forwarded |",
