@@ -13,12 +13,12 @@ Hit rate = cached prompt tokens / prompt tokens, the same definition as the poli
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 from skylb_extproc.bench.trace import CHARS_PER_TOKEN, TraceRequest, prompt_text
 from skylb_extproc.hashing import block_hashes
 
-__all__ = ["ORACLE_BLOCK_TOKENS", "cached_tokens", "oracle_hit_rate"]
+__all__ = ["ORACLE_BLOCK_TOKENS", "cached_tokens", "hit_rate", "oracle_hit_rate", "oracle_matches"]
 
 ORACLE_BLOCK_TOKENS = 16
 _BLOCK_CHARS = ORACLE_BLOCK_TOKENS * CHARS_PER_TOKEN
@@ -30,10 +30,10 @@ def cached_tokens(matched_blocks: int, prompt_tokens: int) -> int:
     return min(matched_blocks, cap) * ORACLE_BLOCK_TOKENS
 
 
-def oracle_hit_rate(requests: Iterable[TraceRequest]) -> float:
-    """Share of prompt tokens an infinite cache seeing every earlier prompt would hit."""
+def oracle_matches(requests: Iterable[TraceRequest]) -> list[int]:
+    """Per request, the leading 16-token blocks an infinite cache of earlier prompts holds."""
     seen: set[int] = set()
-    hit = total = 0
+    out: list[int] = []
     for req in requests:
         hashes = block_hashes(
             prompt_text(req), model="", block_chars=_BLOCK_CHARS, max_blocks=1 << 30
@@ -44,6 +44,18 @@ def oracle_hit_rate(requests: Iterable[TraceRequest]) -> float:
                 break
             matched += 1
         seen.update(hashes)
-        hit += cached_tokens(matched, req.prompt_tokens)
-        total += req.prompt_tokens
+        out.append(matched)
+    return out
+
+
+def hit_rate(requests: Sequence[TraceRequest], matches: Sequence[int]) -> float:
+    """Cached prompt tokens / prompt tokens for the given per-request matches."""
+    hit = sum(cached_tokens(m, r.prompt_tokens) for r, m in zip(requests, matches, strict=True))
+    total = sum(r.prompt_tokens for r in requests)
     return hit / total if total else 0.0
+
+
+def oracle_hit_rate(requests: Iterable[TraceRequest]) -> float:
+    """Share of prompt tokens an infinite cache seeing every earlier prompt would hit."""
+    reqs = list(requests)
+    return hit_rate(reqs, oracle_matches(reqs))

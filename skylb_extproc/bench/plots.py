@@ -1,4 +1,6 @@
-"""PNG plots of a benchmark: TTFT CDF, throughput over time, per-region load and spills.
+"""PNG plots of a benchmark: TTFT CDF, throughput over time, per-region load and spills; for a
+load sweep, TTFT P50 and P90 against the offered rate (one line per system) and a TTFT CDF per
+level (the time series of every level would be many large pictures nobody compares).
 
 matplotlib is imported lazily (the balancer never needs it), with the non-interactive Agg
 backend. It is a dependency; should it still be missing, the report is written without plots and
@@ -8,14 +10,14 @@ says so.
 from __future__ import annotations
 
 import importlib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from skylb_extproc.bench.engine import RunResult
 from skylb_extproc.bench.records import OK
 
-__all__ = ["write_plots"]
+__all__ = ["write_plots", "write_sweep_plots"]
 
 _SMOOTH_S = 10  # throughput is averaged over this many one-second samples
 
@@ -102,3 +104,47 @@ def write_plots(out: Path, results: Mapping[str, RunResult]) -> list[str]:
     _throughput(plt, results, out / "throughput.png")
     _regions(plt, results, out / "regions.png")
     return ["ttft_cdf.png", "throughput.png", "regions.png"]
+
+
+def _ttft_vs_load(plt: Any, levels: Sequence[Mapping[str, Any]], path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    names = list(dict.fromkeys(n for b in levels for n in b["policies"]))
+    for i, name in enumerate(names):
+        color = f"C{i % 10}"
+        for stat, style in (("p50", "-"), ("p90", "--")):
+            pts = [
+                (b["offered_rate_req_s"], b["policies"][name]["ttft_s"][stat])
+                for b in levels
+                if b["offered_rate_req_s"] is not None
+                and b["policies"].get(name, {}).get("ttft_s", {}).get(stat) is not None
+            ]
+            if pts:
+                xs, ys = zip(*sorted(pts), strict=True)
+                label = f"{name} {stat.upper()}"
+                ax.plot(xs, ys, style, marker="o", color=color, label=label)
+    ax.set_yscale("log")
+    ax.set_xlabel("offered rate (requests/s)")
+    ax.set_ylabel("TTFT at the client (s, log scale)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize="x-small", ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_sweep_plots(
+    out: Path,
+    levels: Sequence[Mapping[str, Any]],
+    results: Mapping[str, Mapping[str, RunResult]],
+) -> list[str]:
+    """ttft_vs_load.png from report.json's `levels`, and ttft_cdf_<level>.png per level
+    (`results`: level name -> system -> result); [] when matplotlib is missing."""
+    plt = _pyplot()
+    if plt is None or not levels:
+        return []
+    _ttft_vs_load(plt, levels, out / "ttft_vs_load.png")
+    names = ["ttft_vs_load.png"]
+    for level, runs in results.items():
+        _ttft_cdf(plt, runs, out / f"ttft_cdf_{level}.png")
+        names.append(f"ttft_cdf_{level}.png")
+    return names

@@ -12,9 +12,11 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from skylb_extproc.bench.engine import RunResult
+from skylb_extproc.bench.fleet import level_name
 from skylb_extproc.bench.records import OK, RequestRecord, summarize_policy
+from skylb_extproc.bench.sweep_report import comparison_md, floor_row
 
-__all__ = ["build_report", "diagnostics", "render_markdown", "write_json"]
+__all__ = ["build_report", "diagnostics", "render_markdown", "render_sweep_markdown", "write_json"]
 
 BASELINES = ("region-local", "least-load", "round-robin", "consistent-hash", "sglang")
 SINGLE_LB = ("least-load", "round-robin", "consistent-hash", "sglang")
@@ -53,7 +55,11 @@ def _pct(x: object) -> str:
     return "—" if not isinstance(x, int | float) else f"{100 * x:.1f}%"
 
 
-def _table(policies: Mapping[str, Mapping[str, object]], spills: Mapping[str, int]) -> list[str]:
+def _table(
+    policies: Mapping[str, Mapping[str, object]],
+    spills: Mapping[str, int],
+    floor: object = None,
+) -> list[str]:
     head = (
         "| policy | completed / requests | throughput tok/s | TTFT mean | TTFT p50 | TTFT p90 "
         "| TTFT p99 | E2E p50 | E2E p90 | prefix hit | cross-region | spills |"
@@ -68,6 +74,8 @@ def _table(policies: Mapping[str, Mapping[str, object]], spills: Mapping[str, in
             f" | {_f(e['p50'])} | {_f(e['p90'])} | {_pct(p['prefix_hit_rate'])}"
             f" | {_pct(p['cross_region_fraction'])} | {spills.get(name, 0)} |"
         )
+    if isinstance(floor, Mapping):
+        lines.append(floor_row(floor, 12))
     return lines
 
 
@@ -174,18 +182,64 @@ def diagnostics(records: Mapping[str, Sequence[RequestRecord]]) -> list[str]:
     return lines
 
 
+def _head(report: Mapping[str, object]) -> list[str]:
+    wl = report["workload"]
+    assert isinstance(wl, Mapping)
+    lines = ["# Benchmark report", "", "## Workload", ""]
+    lines += [f"- {k}: `{v}`" for k, v in wl.items()]
+    lines += ["", f"Oracle prefix hit rate: **{_pct(report['oracle_prefix_hit_rate'])}**", ""]
+    floor = report.get("floor")
+    if isinstance(floor, Mapping):
+        t = floor["ttft_s"]
+        assert isinstance(t, Mapping)
+        lines += [
+            f"Floor (TTFT no balancer can beat: each request alone on an idle replica holding "
+            f"the oracle's prefix, plus the round trip it cannot avoid): P50 **{_f(t['p50'])} s**,"
+            f" P90 **{_f(t['p90'])} s** over {floor['requests']} requests"
+            f" ({floor['without_floor']} fit no replica).",
+            "",
+        ]
+    return lines
+
+
 def render_markdown(
     report: Mapping[str, object], spills: Mapping[str, int], extra: Sequence[str]
 ) -> str:
     """report.md: parameters, the table, the paper's orderings checked, definitions."""
-    wl = report["workload"]
     pol = report["policies"]
-    assert isinstance(wl, Mapping) and isinstance(pol, Mapping)
-    lines = ["# Benchmark report", "", "## Workload", ""]
-    lines += [f"- {k}: `{v}`" for k, v in wl.items()]
-    lines += ["", f"Oracle prefix hit rate: **{_pct(report['oracle_prefix_hit_rate'])}**", ""]
-    lines += ["## Results", "", *_table(pol, spills), ""]
+    assert isinstance(pol, Mapping)
+    lines = _head(report)
+    lines += ["## Results", "", *_table(pol, spills, report.get("floor")), ""]
+    if "default_vs_best_baseline" in report:
+        lines += [*comparison_md(report), ""]
     lines += ["## The paper's orderings on this run", "", _check_hit_order(pol), _check_p90(pol)]
     lines += _ratios(pol)
     lines += ["", *extra, "", NOTES]
+    return "\n".join(lines)
+
+
+def render_sweep_markdown(
+    report: Mapping[str, object],
+    spills: Sequence[Mapping[str, int]],
+    extra: Sequence[str],
+) -> str:
+    """report.md of a load sweep: a results table per level (floor included), the default vs
+    the best baseline per level, goodput, and the paper's orderings per level."""
+    levels = report["levels"]
+    assert isinstance(levels, list)
+    lines = _head(report)
+    for block, spilled in zip(levels, spills, strict=True):
+        pol = block["policies"]
+        lines += [
+            f"## Results at {level_name(block['rate_scale'])} "
+            f"({_f(block['offered_rate_req_s'], 2)} req/s offered, {block['requests']} requests"
+            f" over {_f(block['duration_s'], 1)} s)",
+            "",
+            *_table(pol, spilled, report.get("floor")),
+            "",
+            _check_hit_order(pol),
+            _check_p90(pol),
+            "",
+        ]
+    lines += [*comparison_md(report), "", *extra, "", NOTES]
     return "\n".join(lines)

@@ -2,8 +2,10 @@
 
 Each policy is an independent simulation, so they run in separate processes (`jobs`, default
 the CPU count): results do not depend on `jobs` or on which process ran what, only on the
-inputs and the seed. Workers rebuild the workload from its spec (a small, picklable value) and
-report progress through a queue; the parent draws one line on stderr.
+inputs and the seed. Workers rebuild the workload from its spec (a small, picklable value; the
+parsed trace itself is cached per process, and forked workers inherit the parent's copy, so a
+sweep of many levels parses the trace once) and report progress through a queue; the parent
+draws one line on stderr.
 """
 
 from __future__ import annotations
@@ -18,10 +20,10 @@ from queue import Empty
 from typing import Any, TextIO
 
 from skylb_extproc.bench.engine import RunResult, Simulation
+from skylb_extproc.bench.fleet import level_name, per_region
 from skylb_extproc.bench.regions import RttMatrix
 from skylb_extproc.bench.topology import build_system
 from skylb_extproc.bench.workloads import WorkloadSpec, build_workload
-from skylb_extproc.sim.profiles import PROFILES
 
 __all__ = ["Progress", "RunSpec", "run_all", "run_one"]
 
@@ -32,13 +34,15 @@ class RunSpec:
 
     workload: WorkloadSpec
     policy: str
-    replicas_per_region: int
-    profile: str
+    replicas_per_region: int | tuple[int, ...]  # one count, or one per region (region order)
+    profile: str | tuple[str, ...]  # one profile name, or one per region
     rtt_ms: str
 
     @property
     def label(self) -> str:
-        return f"{self.policy}@{self.replicas_per_region}"
+        n = self.replicas_per_region
+        count = n if isinstance(n, int) else "/".join(map(str, n))
+        return f"{self.policy}@{count}{level_name(self.workload.rate_scale)}"
 
 
 def run_one(spec: RunSpec, on_done: Callable[[int, int], None] | None = None) -> RunResult:
@@ -46,11 +50,13 @@ def run_one(spec: RunSpec, on_done: Callable[[int, int], None] | None = None) ->
     workload = build_workload(spec.workload)
     total = len(workload.requests())
     regions = spec.workload.regions
+    n = spec.replicas_per_region
+    counts = n if isinstance(n, int) else dict(zip(regions, n, strict=True))
     system = build_system(
         spec.policy,
         regions,
-        spec.replicas_per_region,
-        PROFILES[spec.profile],
+        counts,
+        per_region(spec.profile, regions),
         RttMatrix.parse(spec.rtt_ms, regions),
         spec.workload.seed,
     )

@@ -15,7 +15,7 @@ from dataclasses import replace
 from skylb_extproc.bench.records import summarize_policy
 from skylb_extproc.bench.runner import RunSpec, run_all
 
-__all__ = ["find_min_replicas", "meets_slo"]
+__all__ = ["find_min_replicas", "meets_slo", "one_count"]
 
 
 def meets_slo(summary: dict[str, object], slo_s: float) -> bool:
@@ -34,7 +34,7 @@ def find_min_replicas(
     progress: bool,
 ) -> dict[str, object]:
     """{"slo_ttft_p90_s", "max_replicas_per_region", "policies": {name: n or None}, "tried"}."""
-    hi0 = max(s.replicas_per_region for s in base)
+    hi0 = max(one_count(s) for s in base)
     bounds = {s.policy: [1, hi0] for s in base}  # answer in [lo, hi], hi0 may fail too
     by_name = {s.policy: s for s in base}
     while True:
@@ -46,7 +46,7 @@ def find_min_replicas(
         if not todo:
             break
         for spec, res in zip(todo, run_all(todo, jobs=jobs, progress=progress), strict=True):
-            known[(spec.policy, spec.replicas_per_region)] = summarize_policy(res.records)
+            known[(spec.policy, one_count(spec))] = summarize_policy(res.records)
         for name, b in bounds.items():
             _narrow(name, b, known, slo_s)
     answer = {
@@ -63,6 +63,14 @@ def find_min_replicas(
         "policies": answer,
         "tried": tried,
     }
+
+
+def one_count(spec: RunSpec) -> int:
+    """The one replica count of a searched run (the CLI refuses per-region lists here)."""
+    n = spec.replicas_per_region
+    if not isinstance(n, int):
+        raise ValueError("--find-min-replicas: one --replicas-per-region count, not a list")
+    return n
 
 
 def _p90(summary: dict[str, object]) -> float | None:

@@ -40,9 +40,9 @@ session; consistent hashing keys on it.
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Literal
+from typing import Literal, TypeVar
 
 from skylb_extproc.bench.regions import RttMatrix
 from skylb_extproc.policy.base import make_policy
@@ -133,28 +133,50 @@ def _regional_balancer(
 def build_system(
     name: str,
     regions: Sequence[str],
-    replicas_per_region: int,
-    profile: Profile,
+    replicas_per_region: int | Mapping[str, int],
+    profile: Profile | Mapping[str, Profile],
     rtt: RttMatrix,
     seed: int,
 ) -> System:
-    """A fresh system (fresh replicas, empty caches) for policy `name`."""
+    """A fresh system (fresh replicas, empty caches) for policy `name`.
+
+    `replicas_per_region` and `profile` are one value for every region or a mapping region ->
+    value (a heterogeneous fleet; every profile must serve the same model)."""
     policy, params, per_region, mode = _TABLE[name]
-    names = {r: [f"{r}-{i}" for i in range(replicas_per_region)] for r in regions}
-    engines = {n: ReplicaEngine(profile, n) for r in regions for n in names[r]}
+    counts = _each(replicas_per_region, regions)
+    profiles = _each(profile, regions)
+    models = {p.model for p in profiles.values()}
+    if len(models) != 1:
+        raise ValueError(f"profiles of one system serve different models: {sorted(models)}")
+    names = {r: [f"{r}-{i}" for i in range(counts[r])] for r in regions}
+    engines = {n: ReplicaEngine(profiles[r], n) for r in regions for n in names[r]}
     where = {n: r for r in regions for n in names[r]}
     specs = {n: ReplicaSpec(n, f"{n}:8000", f"http://{n}:8000/metrics") for n in engines}
+    model = models.pop()
     if not per_region:
         home = regions[0]
-        router = _router(policy, params, list(specs.values()), f"{seed}:{name}:{home}", profile)
+        seed_text = f"{seed}:{name}:{home}"
+        router = _router(policy, params, list(specs.values()), seed_text, profiles[home])
         lb = RegionBalancer(home, router)
         entry = dict.fromkeys(regions, home)
         return System(name, {home: lb}, engines, where, {home: list(engines)}, entry, False,
-                      rtt, profile.model)  # fmt: skip
+                      rtt, model)  # fmt: skip
     balancers = {
-        r: _regional_balancer(name, r, regions, [specs[n] for n in names[r]], rtt, seed, profile)
+        r: _regional_balancer(
+            name, r, regions, [specs[n] for n in names[r]], rtt, seed, profiles[r]
+        )
         for r in regions
     }
     polls = {r: [p for p in regions if p != r] for r in regions} if mode else {}
     return System(name, balancers, engines, where, dict(names), {r: r for r in regions},
-                  mode is not None, rtt, profile.model, polls)  # fmt: skip
+                  mode is not None, rtt, model, polls)  # fmt: skip
+
+
+_T = TypeVar("_T")
+
+
+def _each(value: _T | Mapping[str, _T], regions: Sequence[str]) -> dict[str, _T]:
+    """Region -> value from one value for all or a mapping (which must cover every region)."""
+    if isinstance(value, Mapping):
+        return {r: value[r] for r in regions}
+    return dict.fromkeys(regions, value)

@@ -15,9 +15,11 @@ one finished. Trace timestamps are ignored; the load is set by the number of cli
 
 from __future__ import annotations
 
+import os
 import random
 from collections import deque
 from dataclasses import dataclass, replace
+from functools import lru_cache
 from pathlib import Path
 from typing import Protocol
 
@@ -133,17 +135,44 @@ def _clients(spec: WorkloadSpec) -> tuple[int, ...]:
 
 
 def load_trace(spec: WorkloadSpec) -> tuple[str, list[TraceRequest]]:
-    """(format of the file, its requests with home regions); `limit` cuts the file's head."""
+    """(format of the file, its requests with home regions); `limit` cuts the file's head.
+
+    Cached per process by everything that shapes the result (not the rate, which only scales
+    arrivals afterwards), keyed also by the file's size and mtime so an edited file is re-read:
+    every run of a sweep (and every forked worker, which inherits the parent's cache) reuses
+    one parse."""
     fmt = spec.format
     if fmt not in FORMATS:
         raise ValueError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
-    file_fmt = detect_format(spec.trace) if fmt in ("auto", "closed-loop") else fmt
-    if file_fmt == "mooncake":
-        reqs = load_mooncake(spec.trace, limit=spec.limit)
+    key = (spec.trace, fmt, spec.limit, spec.seed, spec.regions, spec.weights)
+    try:
+        st = os.stat(spec.trace)
+    except OSError:
+        file_fmt, homed = _load(*key)  # raises the loader's TraceError naming the file
     else:
-        reqs = load_azure(spec.trace, limit=spec.limit, seed=spec.seed)
-    homed = [replace(r, region=assign_region(r.group, spec.regions, spec.weights)) for r in reqs]
-    return file_fmt, homed
+        file_fmt, homed = _load_cached(*key, st.st_size, st.st_mtime_ns)
+    return file_fmt, list(homed)
+
+
+@lru_cache(maxsize=4)
+def _load_cached(
+    trace: str, fmt: str, limit: int | None, seed: int, regions: tuple[str, ...],
+    weights: tuple[float, ...], _size: int, _mtime_ns: int,
+) -> tuple[str, tuple[TraceRequest, ...]]:  # fmt: skip
+    return _load(trace, fmt, limit, seed, regions, weights)
+
+
+def _load(
+    trace: str, fmt: str, limit: int | None, seed: int, regions: tuple[str, ...],
+    weights: tuple[float, ...],
+) -> tuple[str, tuple[TraceRequest, ...]]:  # fmt: skip
+    file_fmt = detect_format(trace) if fmt in ("auto", "closed-loop") else fmt
+    if file_fmt == "mooncake":
+        reqs = load_mooncake(trace, limit=limit)
+    else:
+        reqs = load_azure(trace, limit=limit, seed=seed)
+    homed = [replace(r, region=assign_region(r.group, regions, weights)) for r in reqs]
+    return file_fmt, tuple(homed)
 
 
 def _thin_daily(reqs: list[TraceRequest], spec: WorkloadSpec) -> list[TraceRequest]:

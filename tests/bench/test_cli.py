@@ -58,7 +58,9 @@ def test_bench_writes_report_with_the_schema(tmp_path: Path) -> None:
     )  # fmt: skip
     assert main_bench(args) == 0
     report = json.loads((out / "report.json").read_text())
-    assert set(report) == {"workload", "oracle_prefix_hit_rate", "policies"}
+    assert set(report) == {
+        "workload", "oracle_prefix_hit_rate", "policies", "floor", "default_vs_best_baseline",
+    }  # fmt: skip
     wl = report["workload"]
     assert wl["requests"] == 24 and wl["duration_s"] == pytest.approx(1.15)
     assert wl["regions"] == ["us", "eu"] and wl["format"] == "mooncake"
