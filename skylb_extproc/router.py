@@ -31,6 +31,7 @@ from skylb_extproc.policy.base import RoutingPolicy
 from skylb_extproc.policy.common import least_loaded, matched_fraction
 from skylb_extproc.state.load import LoadTracker
 from skylb_extproc.state.prefix_index import PrefixIndex
+from skylb_extproc.state.speed import DEFAULT_PRIOR, Speed
 from skylb_extproc.types import (
     Dispatch,
     Outcome,
@@ -75,6 +76,8 @@ class RouterSettings:
     # A dispatch shows in a replica's metrics only in scrapes that begin this long after it:
     # engines update their gauges once per step, and the request has to reach the engine first.
     dispatch_visible_after_s: float = 0.1
+    # Every replica's speed until its counters taught better (state/speed.py): L4, Llama-3.1-8B.
+    speed_prior: Speed = DEFAULT_PRIOR
 
 
 class Router:
@@ -98,6 +101,7 @@ class Router:
             max_pending=settings.max_pending,
             kv_headroom=settings.kv_headroom,
             visible_after_s=settings.dispatch_visible_after_s,
+            speed_prior=settings.speed_prior,
         )
         self._index = PrefixIndex(
             max_blocks_per_target=settings.index_blocks_per_replica, ttl_s=settings.index_ttl_s
@@ -195,6 +199,10 @@ class Router:
 
     def any_healthy(self, now: float) -> bool:
         return self._load.any_healthy(now)
+
+    def lacks_speed_counters(self, replica: str) -> bool:
+        """Whether the last successful scrape of `replica` lacked the speed counters."""
+        return self._load.lacks_speed_counters(replica)
 
     def hashes(self, request: RouteRequest) -> tuple[int, ...]:
         """The prompt's block hashes, as the queue and the prefix index use them."""

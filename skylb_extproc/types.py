@@ -83,6 +83,9 @@ class ReplicaView:
     in_flight: int  # requests this balancer sent there that have not finished
     pending: int  # scraped waiting + our dispatches not yet confirmed started
     matched_blocks: int = 0  # longest prefix of the request's block hashes this replica holds
+    # Learned from its counters (state/speed.py), else the configured prior; 0.0: unknown.
+    prefill_tokens_per_s: float = 0.0  # uncached prompt tokens per second
+    decode_step_s: float = 0.0  # seconds per decode step at its usual batch
 
 
 @dataclass(frozen=True, slots=True)

@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 from skylb_extproc.bench.regions import RttMatrix
@@ -46,7 +46,7 @@ from skylb_extproc.region.peers import PeerTable
 from skylb_extproc.region.spill import SpillPlanner, SpillSettings
 from skylb_extproc.router import Router, RouterSettings
 from skylb_extproc.sim.model import ReplicaEngine
-from skylb_extproc.sim.profiles import Profile
+from skylb_extproc.sim.profiles import Profile, speed_prior
 from skylb_extproc.types import ReplicaSpec
 
 __all__ = ["BENCH_ROUTER_SETTINGS", "POLICIES", "SYSTEMS", "System", "build_system"]
@@ -91,9 +91,10 @@ class System:
 
 
 def _router(
-    policy: str, params: dict[str, object], specs: Sequence[ReplicaSpec], seed: str
+    policy: str, params: dict[str, object], specs: Sequence[ReplicaSpec], seed: str, p: Profile
 ) -> Router:
-    return Router(BENCH_ROUTER_SETTINGS, specs, make_policy(policy, params), random.Random(seed))
+    settings = replace(BENCH_ROUTER_SETTINGS, speed_prior=speed_prior(p))
+    return Router(settings, specs, make_policy(policy, params), random.Random(seed))
 
 
 def _regional_balancer(
@@ -101,7 +102,7 @@ def _regional_balancer(
     seed: int, profile: Profile,
 ) -> RegionBalancer:  # fmt: skip
     policy, params, _, mode = _TABLE[name]
-    router = _router(policy, params, specs, f"{seed}:{name}:{region}")
+    router = _router(policy, params, specs, f"{seed}:{name}:{region}", profile)
     if mode is None:
         return RegionBalancer(region, router)
     planner = SpillPlanner(region, regions, SpillSettings(mode=mode))
@@ -128,7 +129,7 @@ def build_system(
     specs = {n: ReplicaSpec(n, f"{n}:8000", f"http://{n}:8000/metrics") for n in engines}
     if not per_region:
         home = regions[0]
-        router = _router(policy, params, list(specs.values()), f"{seed}:{name}:{home}")
+        router = _router(policy, params, list(specs.values()), f"{seed}:{name}:{home}", profile)
         lb = RegionBalancer(home, router)
         entry = dict.fromkeys(regions, home)
         return System(name, {home: lb}, engines, where, {home: list(engines)}, entry, False,

@@ -25,6 +25,9 @@ Rules (docs/internals.md):
 - in_flight = dispatched and not finished.
 
 A scrape result that began before the one already recorded is ignored: it is older news.
+
+Each replica's prefill and decode speed is learned from its successful scrapes by its own
+`SpeedEstimator` (state/speed.py), starting from `speed_prior`; views carry it.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
+from skylb_extproc.state.speed import DEFAULT_PRIOR, Speed, SpeedEstimator
 from skylb_extproc.types import ReplicaSpec, ReplicaView, ScrapedMetrics
 
 __all__ = ["LoadTracker"]
@@ -41,6 +45,7 @@ __all__ = ["LoadTracker"]
 @dataclass
 class _Replica:
     spec: ReplicaSpec
+    speed: SpeedEstimator
     metrics: ScrapedMetrics | None = None  # last successful scrape
     ok_at: float | None = None  # when the last successful scrape's result arrived
     scrape_started_at: float | None = None  # start of the last recorded scrape (ok or failed)
@@ -63,16 +68,18 @@ class LoadTracker:
         max_pending: int,
         kv_headroom: float = 0.1,
         visible_after_s: float = 0.0,
+        speed_prior: Speed | None = None,
     ) -> None:
         if stale_after_s <= 0:
             raise ValueError(f"stale_after_s must be > 0, got {stale_after_s}")
         if max_pending < 0:
             raise ValueError(f"max_pending must be >= 0, got {max_pending}")
         self._replicas: dict[str, _Replica] = {}
+        prior = speed_prior or DEFAULT_PRIOR
         for spec in replicas:
             if spec.name in self._replicas:
                 raise ValueError(f"duplicate replica name {spec.name!r}")
-            self._replicas[spec.name] = _Replica(spec)
+            self._replicas[spec.name] = _Replica(spec, SpeedEstimator(prior))
         self._stale_after_s = stale_after_s
         self._max_pending = max_pending
         self._kv_headroom = kv_headroom
@@ -130,6 +137,7 @@ class LoadTracker:
         state.failed = False
         state.metrics = metrics
         state.seq_cap = _learn_seq_cap(state.seq_cap, metrics)
+        state.speed.on_scrape(metrics, now)
         state.ok_at = now
         # Dispatches sent before this scrape began are inside its numbers from now on.
         # An engine publishes its gauges per step: a request that reached it during the step
@@ -146,6 +154,7 @@ class LoadTracker:
         for name, state in self._replicas.items():
             healthy = self._healthy(state, now)
             pending = self._pending(state)
+            speed = state.speed.speed
             out.append(
                 ReplicaView(
                     name=name,
@@ -155,6 +164,8 @@ class LoadTracker:
                     in_flight=len(state.in_flight),
                     pending=pending,
                     matched_blocks=matched.get(name, 0),
+                    prefill_tokens_per_s=speed.prefill_tokens_per_s,
+                    decode_step_s=speed.decode_step_s,
                 )
             )
         return tuple(out)
@@ -170,6 +181,11 @@ class LoadTracker:
         return any(
             self._healthy(s, now) and self._pending(s) <= most for s in self._replicas.values()
         )
+
+    def lacks_speed_counters(self, name: str) -> bool:
+        """Whether the last successful scrape of `name` lacked the speed counters (its speed
+        stays the prior's); False before any successful scrape."""
+        return self._get(name).speed.has_counters is False
 
     def replica(self, name: str) -> ReplicaSpec:
         """The configured replica called `name` (KeyError if there is none)."""
@@ -190,6 +206,7 @@ class LoadTracker:
         for view in self.views(now):
             state = self._replicas[view.name]
             metrics = state.metrics
+            speed = state.speed.speed
             out.append(
                 {
                     "name": view.name,
@@ -202,6 +219,11 @@ class LoadTracker:
                     "running": None if metrics is None else metrics.running,
                     "kv_usage": None if metrics is None else metrics.kv_usage,
                     "scrape_age_s": None if state.ok_at is None else now - state.ok_at,
+                    "speed": {
+                        "prefill_tokens_per_s": speed.prefill_tokens_per_s,
+                        "decode_step_s": speed.decode_step_s,
+                        "source": speed.source,
+                    },
                 }
             )
         return out

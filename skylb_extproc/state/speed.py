@@ -52,7 +52,7 @@ from typing import Literal
 
 from skylb_extproc.types import ScrapedMetrics
 
-__all__ = ["Speed", "SpeedEstimator"]
+__all__ = ["DEFAULT_PRIOR", "Speed", "SpeedEstimator"]
 
 Source = Literal["learned", "prior"]
 
@@ -70,6 +70,11 @@ class Speed:
             value = getattr(self, name)
             if not (math.isfinite(value) and value > 0):
                 raise ValueError(f"{name} must be a finite number > 0, got {value}")
+
+
+# Llama-3.1-8B on one L4, the paper's setup (ARCHITECTURE.md §6: prefill ≈ 4.7k tok/s, decode
+# step ≈ 62 ms): what skylb.yaml's `speed:` section defaults to.
+DEFAULT_PRIOR = Speed(prefill_tokens_per_s=4700.0, decode_step_s=0.062)
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,6 +145,7 @@ class SpeedEstimator:
         self._prefill_s_per_token: float | None = None  # EWMA, once learned
         self._decode_step_s: float | None = None  # EWMA, once learned
         self._has_counters: bool | None = None  # None: no successful scrape yet
+        self._speed = prior  # rebuilt only when a chunk is learned: views read it per decision
 
     @property
     def has_counters(self) -> bool | None:
@@ -149,6 +155,9 @@ class SpeedEstimator:
     @property
     def speed(self) -> Speed:
         """The learned numbers where learned, the prior's elsewhere."""
+        return self._speed
+
+    def _current(self) -> Speed:
         prefill = self._prefill_s_per_token
         decode = self._decode_step_s
         prior = self._prior
@@ -168,10 +177,11 @@ class SpeedEstimator:
             self._prefill_anchor = current
         if self._decode_anchor is None or current.any_below(self._decode_anchor):
             self._decode_anchor = current
-        self._learn_prefill(current)
-        self._learn_decode(current)
+        if self._learn_prefill(current) | self._learn_decode(current):
+            self._speed = self._current()
 
-    def _learn_prefill(self, c: _Counters) -> None:
+    def _learn_prefill(self, c: _Counters) -> bool:
+        """Close the prefill chunk if it holds enough evidence; True if the value changed."""
         a = self._prefill_anchor
         assert a is not None
         requests = c.prefill_count - a.prefill_count
@@ -182,25 +192,30 @@ class SpeedEstimator:
             or tokens < self._min_prefill_tokens
             or wall < self._min_window_s
         ):
-            return
+            return False
         seconds = c.prefill_sum - a.prefill_sum
         if wall > 0:
             seconds = min(seconds, wall)
         self._prefill_anchor = c
-        if seconds > 0:
-            self._prefill_s_per_token = self._fold(self._prefill_s_per_token, seconds / tokens)
+        if seconds <= 0:
+            return False
+        self._prefill_s_per_token = self._fold(self._prefill_s_per_token, seconds / tokens)
+        return True
 
-    def _learn_decode(self, c: _Counters) -> None:
+    def _learn_decode(self, c: _Counters) -> bool:
+        """Close the decode chunk if it holds enough evidence; True if the value changed."""
         a = self._decode_anchor
         assert a is not None
         requests = c.prefill_count - a.prefill_count
         tokens = (c.generation - a.generation) - requests
         if requests < self._min_requests or tokens < self._min_decode_tokens:
-            return
+            return False
         seconds = c.decode_sum - a.decode_sum
         self._decode_anchor = c
-        if seconds > 0:
-            self._decode_step_s = self._fold(self._decode_step_s, seconds / tokens)
+        if seconds <= 0:
+            return False
+        self._decode_step_s = self._fold(self._decode_step_s, seconds / tokens)
+        return True
 
     def _fold(self, old: float | None, new: float) -> float | None:
         if not (math.isfinite(new) and new > 0):

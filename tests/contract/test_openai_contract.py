@@ -322,9 +322,8 @@ def test_metric_names_types_and_labels(server: Server) -> None:
     for name in ("vllm:request_prefill_time_seconds", "vllm:request_decode_time_seconds"):
         family = families[name]  # what the speed estimator reads: _sum and _count per engine
         assert family.type == "histogram", name
-        sums = {
-            s.name: frozenset(s.labels) for s in family.samples if s.name[-4:] in ("_sum", "ount")
-        }
+        ends = ("_sum", "_count")
+        sums = {s.name: frozenset(s.labels) for s in family.samples if s.name.endswith(ends)}
         assert sums == {f"{name}_sum": ENGINE_LABELS, f"{name}_count": ENGINE_LABELS}, name
     success = _check_family(families["vllm:request_success"], "counter", None)
     assert {frozenset(s.labels) for s in success.samples if s.name.endswith("_total")} == {
