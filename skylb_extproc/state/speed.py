@@ -52,7 +52,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, NamedTuple
 
 from skylb_extproc.types import ScrapedMetrics
 
@@ -81,9 +81,9 @@ class Speed:
 DEFAULT_PRIOR = Speed(prefill_tokens_per_s=4700.0, decode_step_s=0.062)
 
 
-@dataclass(frozen=True, slots=True)
-class _Counters:
-    """The counters of one scrape that speed is learned from, and when it arrived."""
+class _Counters(NamedTuple):
+    """The counters of one scrape that speed is learned from, and when it arrived (a tuple:
+    one is built per scrape, 10 per second per replica)."""
 
     at: float
     prompt: float
@@ -105,20 +105,27 @@ class _Counters:
         )
 
 
+_INF = math.inf
+
+
 def _counters(m: ScrapedMetrics, now: float) -> _Counters | None:
     """The speed counters of `m`; None when one is missing, non-finite or negative."""
-    values = (
-        m.prompt_tokens,
-        0.0 if m.prefix_hits is None else m.prefix_hits,  # no prefix cache: nothing was cached
-        m.generation_tokens,
-        m.prefill_seconds_sum,
-        m.prefill_seconds_count,
-        m.decode_seconds_sum,
-    )
-    known = [v for v in values if v is not None and math.isfinite(v) and v >= 0]
-    if len(known) != len(values):
+    prompt, generation = m.prompt_tokens, m.generation_tokens
+    psum, pcount, dsum = m.prefill_seconds_sum, m.prefill_seconds_count, m.decode_seconds_sum
+    hits = 0.0 if m.prefix_hits is None else m.prefix_hits  # no prefix cache: nothing cached
+    if prompt is None or generation is None or psum is None or pcount is None or dsum is None:
         return None
-    return _Counters(now, *known)
+    # Chained comparisons are False for NaN, so this also rejects NaN.
+    if not (
+        0 <= prompt < _INF
+        and 0 <= hits < _INF
+        and 0 <= generation < _INF
+        and 0 <= psum < _INF
+        and 0 <= pcount < _INF
+        and 0 <= dsum < _INF
+    ):
+        return None
+    return _Counters(now, prompt, hits, generation, psum, pcount, dsum)
 
 
 class SpeedEstimator:
@@ -188,14 +195,11 @@ class SpeedEstimator:
         """Close the prefill chunk if it holds enough evidence; True if the value changed."""
         a = self._prefill_anchor
         assert a is not None
-        requests = c.prefill_count - a.prefill_count
+        if c.prefill_count - a.prefill_count < self._min_requests:
+            return False  # the common case, checked first: scrapes come every 100 ms
         tokens = max(0.0, (c.prompt - a.prompt) - (c.hits - a.hits))
         wall = c.at - a.at
-        if (
-            requests < self._min_requests
-            or tokens < self._min_prefill_tokens
-            or wall < self._min_window_s
-        ):
+        if tokens < self._min_prefill_tokens or wall < self._min_window_s:
             return False
         seconds = c.prefill_sum - a.prefill_sum
         if wall > 0:
