@@ -58,6 +58,7 @@ __all__ = [
     "QueueConfig",
     "ResidencyConfig",
     "ScrapeConfig",
+    "SpeedConfig",
     "SpillConfig",
     "config_to_dict",
     "load_config",
@@ -112,6 +113,15 @@ class ScrapeConfig:
 
 
 @dataclass(frozen=True)
+class SpeedConfig:
+    """Every replica's speed until its own counters taught better (state/speed.py); default:
+    Llama-3.1-8B on one L4 (ARCHITECTURE.md §6, research/replica_calibration.md)."""
+
+    prefill_tokens_per_s: float = 4700.0
+    decode_step_s: float = 0.062
+
+
+@dataclass(frozen=True)
 class Config:
     region: str
     replicas: tuple[ReplicaSpec, ...]
@@ -121,6 +131,7 @@ class Config:
     queue: QueueConfig = field(default_factory=QueueConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     scrape: ScrapeConfig = field(default_factory=ScrapeConfig)
+    speed: SpeedConfig = field(default_factory=SpeedConfig)
     shutdown_grace_s: float = 10.0
     seed: int = 0
     peers: tuple[PeerConfig, ...] = ()
@@ -131,6 +142,7 @@ class Config:
     def router_settings(self) -> RouterSettings:
         # Imported here: config is loaded (check-config) without the routing core being needed.
         from skylb_extproc.router import RouterSettings
+        from skylb_extproc.state.speed import Speed
 
         return RouterSettings(
             block_chars=self.prefix.block_chars,
@@ -144,6 +156,7 @@ class Config:
             max_pending=self.scrape.max_pending,
             confirm_on_headers=self.scrape.confirm_on_response_headers,
             dispatch_visible_after_s=self.scrape.dispatch_visible_after_s,
+            speed_prior=Speed(self.speed.prefill_tokens_per_s, self.speed.decode_step_s),
         )
 
     def summary(self) -> str:
@@ -235,6 +248,7 @@ _FIELD_CHECKS: dict[type, dict[str, Callable[[object, str], Any]]] = {
         "confirm_on_response_headers": as_bool,
         "dispatch_visible_after_s": as_float(positive=False),
     },
+    SpeedConfig: {"prefill_tokens_per_s": _POSITIVE, "decode_step_s": _POSITIVE},
 }
 
 
@@ -264,6 +278,7 @@ def parse_config(data: object, *, base_dir: Path | None = None) -> Config:
         queue=_flat(QueueConfig, root.section("queue")),
         limits=_flat(LimitsConfig, root.section("limits")),
         scrape=_flat(ScrapeConfig, root.section("scrape")),
+        speed=_flat(SpeedConfig, root.section("speed")),
         shutdown_grace_s=root.take("shutdown_grace_s", as_float(positive=False), 10.0),
         seed=root.take("seed", as_int(0), 0),
         peers=peers,
@@ -317,6 +332,7 @@ def config_to_dict(config: Config) -> dict[str, Any]:
         "queue": dict(vars(config.queue)),
         "limits": dict(vars(config.limits)),
         "scrape": dict(vars(config.scrape)),
+        "speed": dict(vars(config.speed)),
         "shutdown_grace_s": config.shutdown_grace_s,
         "seed": config.seed,
         **cross_region_dict(config.peers, config.secret_file, config.residency, config.spill),

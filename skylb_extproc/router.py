@@ -39,6 +39,7 @@ from skylb_extproc.policy.common import (
 from skylb_extproc.policy.consistent_hash import DEFAULT_KEY_BLOCKS
 from skylb_extproc.state.load import LoadTracker
 from skylb_extproc.state.prefix_index import PrefixIndex
+from skylb_extproc.state.speed import DEFAULT_PRIOR, Speed
 from skylb_extproc.types import (
     Dispatch,
     Outcome,
@@ -81,9 +82,8 @@ class RouterSettings:
     # A dispatch shows in a replica's metrics only in scrapes that begin this long after it:
     # engines update their gauges once per step, and the request has to reach the engine first.
     dispatch_visible_after_s: float = 0.1
-    # Each replica's speed before it is measured (the predictive policy's prior).
-    prefill_tokens_per_s: float = 4700.0
-    decode_step_s: float = 0.062
+    # Every replica's speed until its counters taught better (state/speed.py): L4, Llama-3.1-8B.
+    speed_prior: Speed = DEFAULT_PRIOR
     # A head that has waited this long is decided alone again (no request behind it jumps it).
     bypass_after_s: float = 10.0
     # Bound each replica's prefix index by its KV cache (scraped cache_config_info): an index
@@ -112,8 +112,7 @@ class Router:
             max_pending=settings.max_pending,
             kv_headroom=settings.kv_headroom,
             visible_after_s=settings.dispatch_visible_after_s,
-            prefill_tokens_per_s=settings.prefill_tokens_per_s,
-            decode_step_s=settings.decode_step_s,
+            speed_prior=settings.speed_prior,
         )
         self._index = PrefixIndex(
             max_blocks_per_target=settings.index_blocks_per_replica, ttl_s=settings.index_ttl_s
@@ -219,6 +218,10 @@ class Router:
     def any_healthy(self, now: float) -> bool:
         return self._load.any_healthy(now)
 
+    def lacks_speed_counters(self, replica: str) -> bool:
+        """Whether the last successful scrape of `replica` lacked the speed counters."""
+        return self._load.lacks_speed_counters(replica)
+
     def hashes(self, request: RouteRequest) -> tuple[int, ...]:
         """The prompt's block hashes, as the queue and the prefix index use them."""
         return self._hashes(request)
@@ -238,7 +241,7 @@ class Router:
     @property
     def prefill_tokens_per_s(self) -> float:
         """The replicas' prior prefill speed (what a peer that reports none is assumed to have)."""
-        return self._settings.prefill_tokens_per_s
+        return self._settings.speed_prior.prefill_tokens_per_s
 
     def local_match(self, hashes: Sequence[int], now: float) -> int:
         """Most leading blocks of `hashes` any local replica holds."""

@@ -21,6 +21,7 @@ from skylb_extproc.config import (
     split_host_port,
 )
 from skylb_extproc.errors import ConfigError
+from skylb_extproc.state.speed import Speed
 from skylb_extproc.types import ReplicaSpec
 
 EXAMPLE = """
@@ -52,6 +53,9 @@ scrape:
   timeout_s: 0.5
   stale_after_s: 1.0
   max_pending: 0
+speed:
+  prefill_tokens_per_s: 39000
+  decode_step_s: 0.0073
 shutdown_grace_s: 10
 seed: 0
 """
@@ -73,6 +77,7 @@ def test_example_parses_with_values_and_defaults() -> None:
     assert config.queue.max_wait_s == 30.0 and isinstance(config.queue.max_wait_s, float)
     assert config.scrape.interval_s == 0.1
     assert config.shutdown_grace_s == 10.0
+    assert config.router_settings().speed_prior == Speed(39000.0, 0.0073, "prior")
 
 
 def test_minimal_config_takes_documented_defaults() -> None:
@@ -86,6 +91,7 @@ def test_minimal_config_takes_documented_defaults() -> None:
     assert config.policy.name == "skylb"
     assert config.prefix.block_chars == 64
     assert config.limits.max_body_bytes == 16 * 1024 * 1024
+    assert config.router_settings().speed_prior == Speed(4700.0, 0.062)
 
 
 def test_render_yaml_round_trips() -> None:
@@ -145,6 +151,11 @@ BAD = [
     ("limits.max_body_bytes", None, "limits.max_body_bytes", "integer"),
     ("scrape.interval_s", 0, "scrape.interval_s", "> 0"),
     ("scrape.max_pending", -1, "scrape.max_pending", ">= 0"),
+    ("speed.prefill_tokens_per_s", 0, "speed.prefill_tokens_per_s", "> 0"),
+    ("speed.decode_step_s", "62ms", "speed.decode_step_s", "number"),
+    ("speed.decode_step_s", float("inf"), "speed.decode_step_s", "finite"),
+    ("speed.decode_s", 0.06, "speed.decode_s", "unknown key"),
+    ("speed", 4700, "speed", "mapping"),
     ("shutdown_grace_s", -0.5, "shutdown_grace_s", ">= 0"),
     ("seed", "x", "seed", "integer"),
 ]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from skylb_extproc.state.load import LoadTracker
+from skylb_extproc.state.speed import Speed
 from skylb_extproc.types import ReplicaSpec, ReplicaView, ScrapedMetrics
 
 SPECS = [
@@ -113,8 +114,42 @@ def test_stale_at_and_state() -> None:
         "waiting": 0,
         "running": 3,
         "kv_usage": 0.5,
+        "speed": {"prefill_tokens_per_s": 4700.0, "decode_step_s": 0.062, "source": "prior"},
     }
     assert state[0]["healthy"] is False and state[0]["scrape_age_s"] is None
+
+
+def _counters(n: int) -> ScrapedMetrics:
+    """After n requests of 1000 uncached prompt tokens (0.1 s each) and 100 tokens (1 s)."""
+    return ScrapedMetrics(
+        waiting=0,
+        running=0,
+        prefix_hits=0.0,
+        prompt_tokens=1000.0 * n,
+        generation_tokens=100.0 * n,
+        prefill_seconds_sum=0.1 * n,
+        prefill_seconds_count=float(n),
+        decode_seconds_sum=0.99 * n,
+    )
+
+
+def test_speed_learned_per_replica_into_views_and_state() -> None:
+    prior = Speed(prefill_tokens_per_s=1000.0, decode_step_s=0.05)
+    t = LoadTracker(SPECS, stale_after_s=100.0, max_pending=0, speed_prior=prior)
+    t.on_scrape("r0", _counters(0), started_at=0.0, now=0.0)
+    t.on_scrape("r0", _counters(8), started_at=10.0, now=10.0)  # r1 never scraped: the prior
+    t.on_scrape("r1", IDLE, started_at=10.0, now=10.0)  # no counters at all
+    views = t.views(10.0)
+    assert [(v.name, v.prefill_tokens_per_s, v.decode_step_s) for v in views] == [
+        ("r0", pytest.approx(10_000.0), pytest.approx(0.01)),
+        ("r1", 1000.0, 0.05),
+    ]
+    assert [s["speed"]["source"] for s in t.state(10.0)] == ["learned", "prior"]  # type: ignore[index]
+    assert (t.lacks_speed_counters("r0"), t.lacks_speed_counters("r1")) == (False, True)
+
+
+def test_a_never_scraped_replica_does_not_lack_counters_yet() -> None:
+    assert not tracker().lacks_speed_counters("r0")
 
 
 def test_unknown_replica_and_bad_settings() -> None:

@@ -89,6 +89,33 @@ vllm:e2e_request_latency_seconds_bucket{engine="0",le="1.0",model_name="Qwen/Qwe
 vllm:e2e_request_latency_seconds_bucket{engine="0",le="+Inf",model_name="Qwen/Qwen3-8B"} 4.0
 vllm:e2e_request_latency_seconds_sum{engine="0",model_name="Qwen/Qwen3-8B"} 6.0
 vllm:e2e_request_latency_seconds_count{engine="0",model_name="Qwen/Qwen3-8B"} 4.0
+# HELP vllm:prompt_tokens_total Number of prefill tokens processed.
+# TYPE vllm:prompt_tokens_total counter
+vllm:prompt_tokens_total{engine="0",model_name="Qwen/Qwen3-8B"} 1200.0
+vllm:prompt_tokens_total{engine="1",model_name="Qwen/Qwen3-8B"} 3400.0
+vllm:prompt_tokens_created{engine="0",model_name="Qwen/Qwen3-8B"} 1.7e+09
+# HELP vllm:generation_tokens_total Number of generation tokens processed.
+# TYPE vllm:generation_tokens_total counter
+vllm:generation_tokens_total{engine="0",model_name="Qwen/Qwen3-8B"} 90.0
+vllm:generation_tokens_total{engine="1",model_name="Qwen/Qwen3-8B"} 210.0
+# HELP vllm:request_prefill_time_seconds Histogram of time spent in PREFILL phase for request.
+# TYPE vllm:request_prefill_time_seconds histogram
+vllm:request_prefill_time_seconds_bucket{engine="0",le="0.3",model_name="Qwen/Qwen3-8B"} 3.0
+vllm:request_prefill_time_seconds_bucket{engine="0",le="+Inf",model_name="Qwen/Qwen3-8B"} 3.0
+vllm:request_prefill_time_seconds_count{engine="0",model_name="Qwen/Qwen3-8B"} 3.0
+vllm:request_prefill_time_seconds_sum{engine="0",model_name="Qwen/Qwen3-8B"} 0.125
+vllm:request_prefill_time_seconds_bucket{engine="1",le="0.3",model_name="Qwen/Qwen3-8B"} 5.0
+vllm:request_prefill_time_seconds_bucket{engine="1",le="+Inf",model_name="Qwen/Qwen3-8B"} 5.0
+vllm:request_prefill_time_seconds_count{engine="1",model_name="Qwen/Qwen3-8B"} 5.0
+vllm:request_prefill_time_seconds_sum{engine="1",model_name="Qwen/Qwen3-8B"} 0.375
+# HELP vllm:request_decode_time_seconds Histogram of time spent in DECODE phase for request.
+# TYPE vllm:request_decode_time_seconds histogram
+vllm:request_decode_time_seconds_bucket{engine="0",le="+Inf",model_name="Qwen/Qwen3-8B"} 3.0
+vllm:request_decode_time_seconds_count{engine="0",model_name="Qwen/Qwen3-8B"} 3.0
+vllm:request_decode_time_seconds_sum{engine="0",model_name="Qwen/Qwen3-8B"} 2.5
+vllm:request_decode_time_seconds_bucket{engine="1",le="+Inf",model_name="Qwen/Qwen3-8B"} 5.0
+vllm:request_decode_time_seconds_count{engine="1",model_name="Qwen/Qwen3-8B"} 5.0
+vllm:request_decode_time_seconds_sum{engine="1",model_name="Qwen/Qwen3-8B"} 4.0
 """
 
 # SGLang (--enable-metrics): queue/running gauges and token_usage, per model and tp rank.
@@ -96,6 +123,18 @@ SGLANG = """\
 # HELP sglang:prompt_tokens_total Number of prefill tokens processed.
 # TYPE sglang:prompt_tokens_total counter
 sglang:prompt_tokens_total{model_name="meta-llama/Llama-3.1-8B-Instruct"} 8.128902e+06
+# HELP sglang:generation_tokens_total Number of generation tokens processed.
+# TYPE sglang:generation_tokens_total counter
+sglang:generation_tokens_total{model_name="meta-llama/Llama-3.1-8B-Instruct"} 7.557572e+06
+# HELP sglang:cached_tokens_total Number of cached prompt tokens by source (device/host/storage).
+# TYPE sglang:cached_tokens_total counter
+sglang:cached_tokens_total{cache_source="device",model_name="meta-llama/Llama-3.1-8B-Instruct"} 3.0e+06
+sglang:cached_tokens_total{cache_source="host",model_name="meta-llama/Llama-3.1-8B-Instruct"} 5.0e+05
+# HELP sglang:e2e_request_latency_seconds Histogram of End-to-end request latency in seconds
+# TYPE sglang:e2e_request_latency_seconds histogram
+sglang:e2e_request_latency_seconds_sum{model_name="meta-llama/Llama-3.1-8B-Instruct"} 2.80
+sglang:e2e_request_latency_seconds_bucket{le="+Inf",model_name="meta-llama/Llama-3.1-8B-Instruct"} 7.0
+sglang:e2e_request_latency_seconds_count{model_name="meta-llama/Llama-3.1-8B-Instruct"} 7.0
 # HELP sglang:token_usage The token usage
 # TYPE sglang:token_usage gauge
 sglang:token_usage{model_name="meta-llama/Llama-3.1-8B-Instruct"} 0.28
@@ -122,7 +161,12 @@ sglang:num_queue_reqs{model_name="meta-llama/Llama-3.1-8B-Instruct"} 26.0
 
 def test_vllm_v0_with_gpu_cache_usage() -> None:
     assert parse_metrics(VLLM_V0) == ScrapedMetrics(
-        waiting=2.0, running=7.0, kv_usage=0.625, block_size=16, num_gpu_blocks=27500
+        waiting=2.0,
+        running=7.0,
+        kv_usage=0.625,
+        block_size=16,
+        num_gpu_blocks=27500,
+        prompt_tokens=1480.0,  # V0 had no prefill/decode time histograms: no speed learned
     )
 
 
@@ -135,11 +179,26 @@ def test_vllm_v1_sums_engines_and_averages_usage() -> None:
         num_gpu_blocks=16384,
         prefix_hits=1000.0,
         prefix_queries=4000.0,
+        prompt_tokens=4600.0,
+        generation_tokens=300.0,
+        prefill_seconds_sum=0.5,
+        prefill_seconds_count=8.0,
+        decode_seconds_sum=6.5,
     )
 
 
 def test_sglang() -> None:
-    assert parse_metrics(SGLANG) == ScrapedMetrics(waiting=26.0, running=162.0, kv_usage=0.28)
+    assert parse_metrics(SGLANG) == ScrapedMetrics(
+        waiting=26.0,
+        running=162.0,
+        kv_usage=0.28,
+        prefix_hits=3.5e6,  # cached_tokens_total over its cache sources
+        prompt_tokens=8.128902e6,
+        generation_tokens=7.557572e6,
+        prefill_seconds_sum=0.30,  # time_to_first_token_seconds stands in for prefill
+        prefill_seconds_count=7.0,
+        decode_seconds_sum=pytest.approx(2.5),  # e2e - ttft
+    )
 
 
 def test_kv_cache_usage_preferred_when_both_names_present() -> None:

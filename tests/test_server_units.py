@@ -3,16 +3,30 @@
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass, field
+import logging
+import random
+from dataclasses import dataclass, field, replace
 from typing import Any, cast
 
 import prometheus_client
 import pytest
 
+from skylb_extproc.policy.base import make_policy
+from skylb_extproc.region.balancer import RegionBalancer
+from skylb_extproc.router import Router, RouterSettings
 from skylb_extproc.server.admin import ready
 from skylb_extproc.server.driver import Driver
 from skylb_extproc.server.metrics import ServerMetrics
-from skylb_extproc.types import Dispatch, Outcome, Reject, Route, RouteRequest, ScrapedMetrics
+from skylb_extproc.state.speed import Speed
+from skylb_extproc.types import (
+    Dispatch,
+    Outcome,
+    Reject,
+    ReplicaSpec,
+    Route,
+    RouteRequest,
+    ScrapedMetrics,
+)
 
 
 def sample(metrics: ServerMetrics, name: str, **labels: str) -> float | None:
@@ -168,3 +182,33 @@ def test_readyz_fails_without_healthy_replicas() -> None:
     assert not ready({"replicas": [{"name": "r0", "healthy": False}]})
     assert not ready({"replicas": [{"name": "r0", "healthy": True}], "shutting_down": True})
     assert ready({"replicas": [{"name": "r0", "healthy": True}], "shutting_down": False})
+
+
+async def test_missing_speed_counters_are_logged_once_per_replica(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    specs = [ReplicaSpec(n, f"10.0.0.{i}:80", f"http://10.0.0.{i}:80/metrics") for i, n in
+             enumerate(("r0", "r1"))]  # fmt: skip
+    prior = Speed(prefill_tokens_per_s=39000.0, decode_step_s=0.0073)
+    router = Router(RouterSettings(speed_prior=prior), specs, make_policy("least_load", {}),
+                    random.Random(0))  # fmt: skip
+    driver = Driver(RegionBalancer("eu", router), region="eu", metrics=ServerMetrics(policy="x"))
+    bare = ScrapedMetrics(waiting=0, running=0)
+    counted = replace(bare, prompt_tokens=0.0, generation_tokens=0.0, prefill_seconds_sum=0.0,
+                      prefill_seconds_count=0.0, decode_seconds_sum=0.0)  # fmt: skip
+    with caplog.at_level(logging.WARNING, logger="skylb_extproc.server.driver"):
+        driver.on_scrape("r0", None, 0.0)  # a failed scrape says nothing about counters
+        driver.on_scrape("r1", counted, 0.0)
+        for t in (0.1, 0.2):
+            driver.on_scrape("r0", bare, t)
+    assert [r.getMessage() for r in caplog.records] == [
+        "replica r0: its /metrics lack the speed counters (prompt/generation tokens, "
+        "prefill/decode time); using the configured speed: 39000 prefill tokens/s, "
+        "0.007 s per decode step"
+    ]
+    speeds = [r["speed"] for r in router.state(driver.now())["replicas"]]  # type: ignore[index]
+    assert (
+        speeds
+        == [{"prefill_tokens_per_s": 39000.0, "decode_step_s": 0.0073, "source": "prior"}] * 2
+    )
+    driver.close()

@@ -53,6 +53,11 @@ def to_scraped(m: EngineMetrics) -> ScrapedMetrics:
         num_gpu_blocks=m.num_gpu_blocks,
         prefix_hits=float(m.prefix_cache_hits),
         prefix_queries=float(m.prefix_cache_queries),
+        prompt_tokens=float(m.prompt_tokens_total),
+        generation_tokens=float(m.generation_tokens_total),
+        prefill_seconds_sum=m.prefill_seconds_sum,
+        prefill_seconds_count=float(m.prefill_seconds_count),
+        decode_seconds_sum=m.decode_seconds_sum,
     )
 
 

@@ -52,7 +52,7 @@ from skylb_extproc.region.peers import PeerTable
 from skylb_extproc.region.spill import SpillPlanner, SpillSettings
 from skylb_extproc.router import Router, RouterSettings
 from skylb_extproc.sim.model import ReplicaEngine
-from skylb_extproc.sim.profiles import Profile
+from skylb_extproc.sim.profiles import Profile, speed_prior
 from skylb_extproc.types import ReplicaSpec
 
 __all__ = ["BENCH_ROUTER_SETTINGS", "POLICIES", "SYSTEMS", "System", "build_system"]
@@ -108,8 +108,7 @@ def _router(
     settings = replace(
         BENCH_ROUTER_SETTINGS,
         index_follows_kv=policy == "skylb",  # the baselines' indexes are as their authors'
-        prefill_tokens_per_s=1000.0 / profile.prefill_k_ms,
-        decode_step_s=profile.decode_a_ms / 1000.0,
+        speed_prior=speed_prior(profile),
     )
     return Router(settings, specs, make_policy(policy, params), random.Random(seed))
 

@@ -75,6 +75,7 @@ class Driver:
         peering: Peering | None = None,
     ) -> None:
         self._core = core
+        self._speed_warned: set[str] = set()  # replicas whose missing speed counters were logged
         self._region = region
         self._metrics = metrics
         self._clock = clock
@@ -179,7 +180,24 @@ class Driver:
         if metrics is None:
             self._metrics.scrape_failed(replica)
         dispatches = self._core.on_scrape(replica, metrics, started_at=started_at, now=self.now())
+        if metrics is not None:
+            self._warn_without_speed(replica)
         self._perform(dispatches)
+
+    def _warn_without_speed(self, replica: str) -> None:
+        """Say once per replica that its metrics lack the speed counters (its prior stays)."""
+        if replica in self._speed_warned or not self._core.router.lacks_speed_counters(replica):
+            return
+        self._speed_warned.add(replica)
+        speed = next(v for v in self._core.router.views(self.now()) if v.name == replica)
+        log.warning(
+            "replica %s: its /metrics lack the speed counters (prompt/generation tokens, "
+            "prefill/decode time); using the configured speed: %.0f prefill tokens/s, "
+            "%.3f s per decode step",
+            replica,
+            speed.prefill_tokens_per_s,
+            speed.decode_step_s,
+        )
 
     def on_peer_summary(
         self, peer: str, summary: PeerSummary | None, started_at: float, rtt_s: float

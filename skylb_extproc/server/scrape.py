@@ -25,10 +25,40 @@ log = logging.getLogger(__name__)
 WAITING = ("vllm:num_requests_waiting", "sglang:num_queue_reqs")
 RUNNING = ("vllm:num_requests_running", "sglang:num_running_reqs")
 KV_USAGE = ("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc", "sglang:token_usage")
-PREFIX_HITS = ("vllm:prefix_cache_hits_total", "vllm:gpu_prefix_cache_hits_total")
+# SGLang's cached_tokens_total (sum over its cache_source labels: device, host, storage) counts
+# prompt tokens not computed, as vLLM's prefix hits do.
+PREFIX_HITS = (
+    "vllm:prefix_cache_hits_total",
+    "vllm:gpu_prefix_cache_hits_total",
+    "sglang:cached_tokens_total",
+)
 PREFIX_QUERIES = ("vllm:prefix_cache_queries_total", "vllm:gpu_prefix_cache_queries_total")
 CACHE_CONFIG = "vllm:cache_config_info"
-_WANTED = frozenset((*WAITING, *RUNNING, *KV_USAGE, *PREFIX_HITS, *PREFIX_QUERIES, CACHE_CONFIG))
+# Speed counters (state/speed.py). vLLM V1 (vllm/v1/metrics/loggers.py, stats.py): prompt
+# tokens counted when a request's prefill completes, every sampled token, and per finished
+# request its prefill time (first token - first scheduled) and decode time (last token - first
+# token). SGLang (python/sglang/srt/metrics/collector.py) has no prefill-time histogram: its
+# time_to_first_token_seconds (from arrival, so queueing and tokenizing included: a slower
+# rate under load) stands in for prefill, and its decode time is e2e_request_latency_seconds_sum
+# minus time_to_first_token_seconds_sum (the two are observed at the finish and at the first
+# token, so they line up only over several requests, which the estimator's chunks span).
+PROMPT_TOKENS = ("vllm:prompt_tokens_total", "sglang:prompt_tokens_total")
+GENERATION_TOKENS = ("vllm:generation_tokens_total", "sglang:generation_tokens_total")
+PREFILL_SUM = ("vllm:request_prefill_time_seconds_sum", "sglang:time_to_first_token_seconds_sum")
+PREFILL_COUNT = (
+    "vllm:request_prefill_time_seconds_count",
+    "sglang:time_to_first_token_seconds_count",
+)
+DECODE_SUM = "vllm:request_decode_time_seconds_sum"
+SGLANG_E2E_SUM = "sglang:e2e_request_latency_seconds_sum"
+SGLANG_TTFT_SUM = "sglang:time_to_first_token_seconds_sum"
+_WANTED = frozenset(
+    (
+        *WAITING, *RUNNING, *KV_USAGE, *PREFIX_HITS, *PREFIX_QUERIES, CACHE_CONFIG,
+        *PROMPT_TOKENS, *GENERATION_TOKENS, *PREFILL_SUM, *PREFILL_COUNT, DECODE_SUM,
+        SGLANG_E2E_SUM,
+    )
+)  # fmt: skip
 
 
 @dataclass
@@ -88,6 +118,14 @@ def _cache_config(series: _Series | None) -> tuple[int | None, int | None]:
     return block_size, (sum(known) if known else None)
 
 
+def _decode_sum(found: dict[str, _Series]) -> float | None:
+    """vLLM's decode-time sum, else SGLang's end-to-end minus time-to-first-token sums."""
+    if DECODE_SUM in found:
+        return _sum(found[DECODE_SUM])
+    e2e, ttft = _sum(found.get(SGLANG_E2E_SUM)), _sum(found.get(SGLANG_TTFT_SUM))
+    return None if e2e is None or ttft is None else max(0.0, e2e - ttft)
+
+
 def parse_metrics(text: str) -> ScrapedMetrics:
     """Prometheus exposition text -> ScrapedMetrics; ValueError without a known queue metric."""
     try:
@@ -106,6 +144,11 @@ def parse_metrics(text: str) -> ScrapedMetrics:
         num_gpu_blocks=num_gpu_blocks,
         prefix_hits=_sum(_first(found, PREFIX_HITS)),
         prefix_queries=_sum(_first(found, PREFIX_QUERIES)),
+        prompt_tokens=_sum(_first(found, PROMPT_TOKENS)),
+        generation_tokens=_sum(_first(found, GENERATION_TOKENS)),
+        prefill_seconds_sum=_sum(_first(found, PREFILL_SUM)),
+        prefill_seconds_count=_sum(_first(found, PREFILL_COUNT)),
+        decode_seconds_sum=_decode_sum(found),
     )
 
 

@@ -217,6 +217,9 @@ class ReplicaEngine:
             finished_length=c.finished_length,
             finished_abort=c.finished_abort,
             num_preemptions=c.preemptions,
+            prefill_seconds_sum=c.prefill_seconds,
+            prefill_seconds_count=c.prefill_count,
+            decode_seconds_sum=c.decode_seconds,
         )
 
     # --- time -------------------------------------------------------------------------------
@@ -270,7 +273,11 @@ class ReplicaEngine:
             budget -= n
             i += 1
         if not preempted:
+            admitted = len(items)
             budget = self._admit(items, budget)
+            for req, _ in items[admitted:]:
+                if req.scheduled_at < 0:  # vLLM keeps the first SCHEDULED across preemptions
+                    req.scheduled_at = start
         if not items:
             raise RuntimeError("scheduler made no progress")  # unreachable: see validate()
         self._step = _Step(start + self._step_seconds(items), items)
@@ -382,6 +389,7 @@ class ReplicaEngine:
     def _on_token(self, req: SimRequest, t: float) -> None:
         if req.num_output == 1:
             self._c.prompt_tokens += req.prompt_tokens
+            req.first_token_at = t
             self._events.append(FirstToken(req.rid, t, req.cached_tokens, req.prompt_tokens))
             return
         self._add_tokens(req.rid, 1, t)
@@ -406,7 +414,11 @@ class ReplicaEngine:
         del self._requests[req.rid]
         self._pool.free(req.blocks)
         req.blocks = []
-        self._c.finished_length += 1
+        c = self._c
+        c.finished_length += 1
+        c.prefill_seconds += req.first_token_at - req.scheduled_at
+        c.prefill_count += 1
+        c.decode_seconds += t - req.first_token_at
 
     def _flush_tokens(self) -> None:
         for rid, (count, t) in self._pending_tokens.items():

@@ -21,6 +21,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+from skylb_extproc.state.speed import Speed
+
 
 @dataclass(frozen=True, slots=True)
 class Profile:
@@ -137,6 +139,12 @@ CPU_TINY_LLAMA = Profile(
 PROFILES: dict[str, Profile] = {
     p.name: p for p in (L4_LLAMA31_8B, H100_LLAMA31_8B, TINY, CPU_TINY_LLAMA)
 }
+
+
+def speed_prior(profile: Profile) -> Speed:
+    """The balancer's prior speed for a replica of this profile: its per-token prefill cost
+    (1000 / prefill_k_ms tokens/s, t0 and attention left out) and its decode step floor."""
+    return Speed(1000.0 / profile.prefill_k_ms, profile.decode_a_ms / 1000.0)
 
 
 def override(

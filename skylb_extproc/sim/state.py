@@ -64,6 +64,12 @@ class EngineMetrics:
     finished_length: int  # request_success_total{finished_reason="length"}
     finished_abort: int  # request_success_total{finished_reason="abort"}
     num_preemptions: int
+    # vllm:request_prefill_time_seconds / vllm:request_decode_time_seconds, observed when a
+    # request finishes (vLLM V1 IterationStats.update_from_finished_request): prefill = first
+    # token - first scheduled (preemptions included), decode = last token - first token.
+    prefill_seconds_sum: float = 0.0
+    prefill_seconds_count: int = 0
+    decode_seconds_sum: float = 0.0
 
 
 @dataclass(slots=True, eq=False)
@@ -78,10 +84,15 @@ class SimRequest:
     num_output: int = 0
     cached_tokens: int = -1  # prefix hit at first admission (vLLM's num_cached_tokens)
     preemptions: int = 0
+    prefill_seconds: float = 0.0
+    prefill_count: int = 0
+    decode_seconds: float = 0.0
     cached_blocks: int = 0  # leading blocks of `blocks` registered in the prefix cache
     done: bool = False
     added_in: int = 0  # steps planned before it arrived (vLLM: it reaches the scheduler after)
     hash_set: frozenset[int] | None = None  # `hashes` as a set, once a window needs it
+    scheduled_at: float = -1.0  # start of the step that first scheduled it (vLLM: SCHEDULED)
+    first_token_at: float = -1.0
     blocks: list[int] = field(default_factory=list)
 
     @property
@@ -100,3 +111,6 @@ class Counters:
     finished_length: int = 0
     finished_abort: int = 0
     preemptions: int = 0
+    prefill_seconds: float = 0.0
+    prefill_count: int = 0
+    decode_seconds: float = 0.0

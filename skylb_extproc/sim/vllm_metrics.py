@@ -1,7 +1,9 @@
 """vLLM's /metrics for the simulated replica: V1 metric names, help texts and label sets.
 
 Names, types and labels follow vLLM 0.32 (tests/contract compares them with the real server);
-only the families a balancer or an operator reads are rendered, not vLLM's histograms.
+only the families a balancer or an operator reads are rendered. Of vLLM's histograms only the
+two a balancer learns speed from (state/speed.py) are, and with the +Inf bucket alone: their
+_sum and _count are what is read. Like vLLM V1 they observe a request when it finishes.
 """
 
 from __future__ import annotations
@@ -9,7 +11,12 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Protocol
 
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
 
 from skylb_extproc.sim.model import EngineMetrics
@@ -34,6 +41,8 @@ _HITS_DOC = "Prefix cache hits, in terms of number of cached tokens."
 _PREEMPT_DOC = "Cumulative number of preemption from the engine."
 _PROMPT_DOC = "Number of prefill tokens processed."
 _GENERATION_DOC = "Number of generation tokens processed."
+_PREFILL_TIME_DOC = "Histogram of time spent in PREFILL phase for request."
+_DECODE_TIME_DOC = "Histogram of time spent in DECODE phase for request."
 
 
 class VllmCollector(Collector):
@@ -63,6 +72,15 @@ class VllmCollector(Collector):
             family = CounterMetricFamily(name, doc, labels=list(labels))
             family.add_metric(list(labels.values()), value)
             yield family
+        histograms = (
+            ("vllm:request_prefill_time_seconds", _PREFILL_TIME_DOC, m.prefill_seconds_sum),
+            ("vllm:request_decode_time_seconds", _DECODE_TIME_DOC, m.decode_seconds_sum),
+        )
+        for name, doc, total in histograms:
+            histogram = HistogramMetricFamily(name, doc, labels=list(labels))
+            count = m.prefill_seconds_count  # both observed once per finished request
+            histogram.add_metric(list(labels.values()), [("+Inf", count)], sum_value=total)
+            yield histogram
         yield self._success(m, labels)
         yield self._cache_config(m)
 

@@ -35,6 +35,9 @@ Rules (docs/internals.md):
   What NVIDIA Dynamo's router counts of the requests it routed (its ActiveSequences).
 
 A scrape result that began before the one already recorded is ignored: it is older news.
+
+Each replica's prefill and decode speed is learned from its successful scrapes by its own
+`SpeedEstimator` (state/speed.py), starting from `speed_prior`; views carry it.
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
+from skylb_extproc.state.speed import DEFAULT_PRIOR, Speed, SpeedEstimator
 from skylb_extproc.types import ReplicaSpec, ReplicaView, ScrapedMetrics
 
 __all__ = ["FINISH_WINDOW_S", "LoadTracker"]
@@ -57,6 +61,7 @@ NO_FINISH_INTERVAL_S = 2.0
 @dataclass
 class _Replica:
     spec: ReplicaSpec
+    speed: SpeedEstimator
     metrics: ScrapedMetrics | None = None  # last successful scrape
     ok_at: float | None = None  # when the last successful scrape's result arrived
     scrape_started_at: float | None = None  # start of the last recorded scrape (ok or failed)
@@ -87,24 +92,22 @@ class LoadTracker:
         max_pending: int,
         kv_headroom: float = 0.1,
         visible_after_s: float = 0.0,
-        prefill_tokens_per_s: float = 4700.0,
-        decode_step_s: float = 0.062,
+        speed_prior: Speed | None = None,
     ) -> None:
         if stale_after_s <= 0:
             raise ValueError(f"stale_after_s must be > 0, got {stale_after_s}")
         if max_pending < 0:
             raise ValueError(f"max_pending must be >= 0, got {max_pending}")
         self._replicas: dict[str, _Replica] = {}
+        prior = speed_prior or DEFAULT_PRIOR
         for spec in replicas:
             if spec.name in self._replicas:
                 raise ValueError(f"duplicate replica name {spec.name!r}")
-            self._replicas[spec.name] = _Replica(spec)
+            self._replicas[spec.name] = _Replica(spec, SpeedEstimator(prior))
         self._stale_after_s = stale_after_s
         self._max_pending = max_pending
         self._kv_headroom = kv_headroom
         self._visible_after_s = visible_after_s
-        self._prefill_tps = prefill_tokens_per_s
-        self._decode_step_s = decode_step_s
         self._where: dict[str, str] = {}  # request id -> replica, while in flight
         self._held: dict[str, Sequence[int]] = {}  # request id -> its prompt block hashes
 
@@ -193,6 +196,7 @@ class LoadTracker:
         state.failed = False
         state.metrics = metrics
         state.seq_cap = _learn_seq_cap(state.seq_cap, metrics)
+        state.speed.on_scrape(metrics, now)
         state.ok_at = now
         # Dispatches sent before this scrape began are inside its numbers from now on.
         # An engine publishes its gauges per step: a request that reached it during the step
@@ -212,6 +216,7 @@ class LoadTracker:
             pending, free = self._admission(state)
             interval = _finish_interval(state.finishes, now)
             m = state.metrics
+            speed = state.speed.speed
             out.append(
                 ReplicaView(
                     name=name,
@@ -221,8 +226,8 @@ class LoadTracker:
                     in_flight=len(state.in_flight),
                     pending=pending,
                     matched_blocks=matched.get(name, 0),
-                    prefill_tokens_per_s=self._prefill_tps,
-                    decode_step_s=self._decode_step_s,
+                    prefill_tokens_per_s=speed.prefill_tokens_per_s,
+                    decode_step_s=speed.decode_step_s,
                     backlog_s=max(0.0, state.busy_until - now),
                     admit_wait_s=pending * interval,
                     kv_free_tokens=free,
@@ -248,6 +253,11 @@ class LoadTracker:
             self._healthy(s, now) and self._pending(s) <= most for s in self._replicas.values()
         )
 
+    def lacks_speed_counters(self, name: str) -> bool:
+        """Whether the last successful scrape of `name` lacked the speed counters (its speed
+        stays the prior's); False before any successful scrape."""
+        return self._get(name).speed.has_counters is False
+
     def replica(self, name: str) -> ReplicaSpec:
         """The configured replica called `name` (KeyError if there is none)."""
         return self._get(name).spec
@@ -267,6 +277,7 @@ class LoadTracker:
         for view in self.views(now):
             state = self._replicas[view.name]
             metrics = state.metrics
+            speed = state.speed.speed
             out.append(
                 {
                     "name": view.name,
@@ -279,6 +290,11 @@ class LoadTracker:
                     "running": None if metrics is None else metrics.running,
                     "kv_usage": None if metrics is None else metrics.kv_usage,
                     "scrape_age_s": None if state.ok_at is None else now - state.ok_at,
+                    "speed": {
+                        "prefill_tokens_per_s": speed.prefill_tokens_per_s,
+                        "decode_step_s": speed.decode_step_s,
+                        "source": speed.source,
+                    },
                 }
             )
         return out

@@ -316,6 +316,15 @@ def test_metric_names_types_and_labels(server: Server) -> None:
     for name in ("vllm:prefix_cache_queries", "vllm:prefix_cache_hits"):
         family = _check_family(families[name], "counter", ENGINE_LABELS)
         assert {s.name for s in family.samples} >= {f"{name}_total"}
+    for name in ("vllm:prompt_tokens", "vllm:generation_tokens"):
+        family = _check_family(families[name], "counter", ENGINE_LABELS)
+        assert {s.name for s in family.samples} >= {f"{name}_total"}
+    for name in ("vllm:request_prefill_time_seconds", "vllm:request_decode_time_seconds"):
+        family = families[name]  # what the speed estimator reads: _sum and _count per engine
+        assert family.type == "histogram", name
+        ends = ("_sum", "_count")
+        sums = {s.name: frozenset(s.labels) for s in family.samples if s.name.endswith(ends)}
+        assert sums == {f"{name}_sum": ENGINE_LABELS, f"{name}_count": ENGINE_LABELS}, name
     success = _check_family(families["vllm:request_success"], "counter", None)
     assert {frozenset(s.labels) for s in success.samples if s.name.endswith("_total")} == {
         frozenset(ENGINE_LABELS | {"finished_reason"})

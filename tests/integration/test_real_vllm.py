@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import random
 import signal
 import time
 import urllib.request
@@ -27,7 +28,8 @@ from skylb_extproc.backends.fidelity import AGREEMENT, replay
 from skylb_extproc.procs import Supervisor
 from skylb_extproc.server.scrape import parse_metrics
 from skylb_extproc.stack import RegionStack, model_of, start_region_over
-from skylb_extproc.workload import chat_workload, play_conversations, send_chat
+from skylb_extproc.state.speed import Speed, SpeedEstimator
+from skylb_extproc.workload import _WORDS, chat_workload, play_conversations, send_chat
 
 from .conftest import get_json, get_text
 
@@ -251,6 +253,71 @@ def _waited(stack: RegionStack) -> int:
                 elif s.name.endswith("_bucket") and float(s.labels["le"]) == 0.01:
                     under = s.value
     return int(count - under)
+
+
+def _timed_completion(base: str, prompt: str, max_tokens: int) -> tuple[float, float, int, int]:
+    """(TTFT, last token time, prompt tokens, cached tokens) of one streamed completion."""
+    body = {
+        "model": MODEL, "prompt": prompt, "max_tokens": max_tokens, "ignore_eos": True,
+        "stream": True, "stream_options": {"include_usage": True},
+    }  # fmt: skip
+    request = urllib.request.Request(
+        f"{base}/v1/completions",
+        data=json.dumps(body).encode(),
+        headers={"content-type": "application/json"},
+    )
+    start = time.monotonic()
+    first = last = 0.0
+    usage: dict[str, Any] = {}
+    with urllib.request.urlopen(request, timeout=60) as resp:
+        for raw in resp:
+            line = raw.decode().strip()
+            if not line.startswith("data: {"):
+                continue
+            chunk = json.loads(line.removeprefix("data: "))
+            assert "error" not in chunk, chunk
+            if chunk.get("choices") and chunk["choices"][0].get("text"):
+                last = time.monotonic() - start
+                first = first or last
+            usage = chunk.get("usage") or usage
+    cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0
+    return first, last, usage["prompt_tokens"], cached
+
+
+def test_speed_learned_from_metrics_matches_responses(pool: ReplicaPool) -> None:
+    """Sequential single requests to one replica: the prefill rate learned from its /metrics
+    (uncached prompt tokens / summed vLLM prefill time) is within 30% of the one its responses
+    show. Each prompt is sent twice: the repeat, all cached but its last block, answers after
+    what is not prefill (HTTP, tokenizing the same text, the hand-over to the engine core), so
+    TTFT - the repeat's TTFT is the prefill of the tokens the first computed and it did not."""
+    base = pool.url(0)  # the kill test below takes the last one
+    estimator = SpeedEstimator(Speed(1.0, 1.0), min_window_s=0.0)
+    estimator.on_scrape(parse_metrics(get_text(f"{base}/metrics")), time.monotonic())
+    tokens = seconds = decode_s = 0.0
+    decode_tokens = 0
+    rng = random.Random(7)
+    for i in range(8):
+        # ~1.7 tokens a word with the tiny model's tokenizer: ~1,700 of max_model_len 4,096
+        prompt = f"{i} speed " + " ".join(rng.choice(_WORDS) for _ in range(1000))
+        ttft, end, _, cached = _timed_completion(base, prompt, 16)
+        again, _, _, cached_again = _timed_completion(base, prompt, 2)
+        assert cached_again > cached
+        tokens += cached_again - cached  # computed by the first, not by the repeat
+        seconds += ttft - again
+        decode_s += end - ttft
+        decode_tokens += 15
+    time.sleep(0.5)  # vLLM publishes finished requests' histograms with the next stats update
+    estimator.on_scrape(parse_metrics(get_text(f"{base}/metrics")), time.monotonic())
+    learned = estimator.speed
+    measured_rate, measured_step = tokens / seconds, decode_s / decode_tokens
+    print(  # the numbers, for the report (pytest -s)
+        f"speed: learned {learned}; responses {measured_rate:.0f} tok/s, {measured_step:.5f} s"
+        f"/step, over {tokens:.0f} prompt tokens"
+    )
+    assert estimator.has_counters, "vLLM's CPU build lacks a speed counter"
+    assert learned.source == "learned"
+    assert learned.prefill_tokens_per_s == pytest.approx(measured_rate, rel=0.3)
+    assert learned.decode_step_s == pytest.approx(measured_step, rel=0.3)
 
 
 def test_killed_replica_gets_no_new_requests(stack: RegionStack, pool: ReplicaPool) -> None:
