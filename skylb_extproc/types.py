@@ -70,6 +70,9 @@ class ScrapedMetrics:
     prefill_seconds_sum: float | None = None  # vllm:request_prefill_time_seconds_sum
     prefill_seconds_count: float | None = None  # vllm:request_prefill_time_seconds_count
     decode_seconds_sum: float | None = None  # vllm:request_decode_time_seconds_sum
+    # Observed at the finish like the prefill time, so they pair with it request for request:
+    finished_prompt_tokens: float | None = None  # vllm:request_prompt_tokens_sum
+    finished_computed_tokens: float | None = None  # vllm:request_prefill_kv_computed_tokens_sum
 
 
 @dataclass(frozen=True, slots=True)

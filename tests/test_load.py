@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from skylb_extproc.state.load import LoadTracker
-from skylb_extproc.state.speed import Speed
+from skylb_extproc.state.speed import Speed, attention_factor
 from skylb_extproc.types import ReplicaSpec, ReplicaView, ScrapedMetrics
 
 SPECS = [
@@ -141,7 +141,8 @@ def test_speed_learned_per_replica_into_views_and_state() -> None:
     t.on_scrape("r1", IDLE, started_at=10.0, now=10.0)  # no counters at all
     views = t.views(10.0)
     assert [(v.name, v.prefill_tokens_per_s, v.decode_step_s) for v in views] == [
-        ("r0", pytest.approx(10_000.0), pytest.approx(0.01)),
+        # 10,000 tokens per second at 1,000-token prompts, per short-context token
+        ("r0", pytest.approx(10_000.0 * attention_factor(0, 1000)), pytest.approx(0.01)),
         ("r1", 1000.0, 0.05),
     ]
     assert [s["speed"]["source"] for s in t.state(10.0)] == ["learned", "prior"]  # type: ignore[index]

@@ -58,6 +58,8 @@ def to_scraped(m: EngineMetrics) -> ScrapedMetrics:
         prefill_seconds_sum=m.prefill_seconds_sum,
         prefill_seconds_count=float(m.prefill_seconds_count),
         decode_seconds_sum=m.decode_seconds_sum,
+        finished_prompt_tokens=float(m.finished_prompt_tokens),
+        finished_computed_tokens=float(m.finished_computed_tokens),
     )
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 
 from skylb_extproc.errors import ConfigError
+from skylb_extproc.state.speed import attention_factor
 from skylb_extproc.types import Outcome, Reject, ReplicaView, Route, Snapshot
 
 __all__ = [
@@ -28,10 +29,6 @@ __all__ = [
 
 # Prompt tokens are estimated from characters (English text with Llama-3-style tokenizers: ~4).
 CHARS_PER_TOKEN = 4.0
-# Context length at which a prefill token's attention costs as much as the rest of its forward
-# pass. A property of the model's shape, not of the GPU: Llama-3.1-8B's calibration gives
-# k / 2q = 16.8k tokens on an H100 and 19.2k on an L4 (sim/profiles.py).
-ATTENTION_TOKENS = 16_384.0
 
 
 def matched_fraction(view: ReplicaView, snapshot: Snapshot) -> float:
@@ -44,14 +41,12 @@ def matched_fraction(view: ReplicaView, snapshot: Snapshot) -> float:
 def prefill_time(prompt_chars: int, held_chars: int, tokens_per_s: float) -> float:
     """Seconds to prefill the `prompt_chars - held_chars` a replica does not hold.
 
-    Each new token also attends to the tokens before it (cached or not), which costs as much as
-    the rest of the forward pass at ATTENTION_TOKENS of context: a long uncached prompt costs
-    more than its length at the short-prompt rate."""
+    `tokens_per_s` is a short-context rate: each new token also attends to the tokens before it
+    (state/speed.py `attention_factor`), so a long uncached prompt costs more than its length."""
     held = min(prompt_chars, max(0, held_chars))
     cached = held / CHARS_PER_TOKEN
     uncached = (prompt_chars - held) / CHARS_PER_TOKEN
-    context = cached + uncached / 2
-    return uncached / tokens_per_s * (1.0 + context / ATTENTION_TOKENS)
+    return uncached / tokens_per_s * attention_factor(cached, uncached)
 
 
 def prefill_seconds(view: ReplicaView, snapshot: Snapshot) -> float:

@@ -50,13 +50,16 @@ PREFILL_COUNT = (
     "sglang:time_to_first_token_seconds_count",
 )
 DECODE_SUM = "vllm:request_decode_time_seconds_sum"
+# vLLM only: per finished request, like the prefill time (state/speed.py pairs them).
+FINISHED_PROMPT = "vllm:request_prompt_tokens_sum"
+FINISHED_COMPUTED = "vllm:request_prefill_kv_computed_tokens_sum"
 SGLANG_E2E_SUM = "sglang:e2e_request_latency_seconds_sum"
 SGLANG_TTFT_SUM = "sglang:time_to_first_token_seconds_sum"
 _WANTED = frozenset(
     (
         *WAITING, *RUNNING, *KV_USAGE, *PREFIX_HITS, *PREFIX_QUERIES, CACHE_CONFIG,
         *PROMPT_TOKENS, *GENERATION_TOKENS, *PREFILL_SUM, *PREFILL_COUNT, DECODE_SUM,
-        SGLANG_E2E_SUM,
+        SGLANG_E2E_SUM, FINISHED_PROMPT, FINISHED_COMPUTED,
     )
 )  # fmt: skip
 
@@ -149,6 +152,8 @@ def parse_metrics(text: str) -> ScrapedMetrics:
         prefill_seconds_sum=_sum(_first(found, PREFILL_SUM)),
         prefill_seconds_count=_sum(_first(found, PREFILL_COUNT)),
         decode_seconds_sum=_decode_sum(found),
+        finished_prompt_tokens=_sum(found.get(FINISHED_PROMPT)),
+        finished_computed_tokens=_sum(found.get(FINISHED_COMPUTED)),
     )
 
 

@@ -220,6 +220,8 @@ class ReplicaEngine:
             prefill_seconds_sum=c.prefill_seconds,
             prefill_seconds_count=c.prefill_count,
             decode_seconds_sum=c.decode_seconds,
+            finished_prompt_tokens=c.finished_prompt,
+            finished_computed_tokens=c.finished_computed,
         )
 
     # --- time -------------------------------------------------------------------------------
@@ -419,6 +421,8 @@ class ReplicaEngine:
         c.prefill_seconds += req.first_token_at - req.scheduled_at
         c.prefill_count += 1
         c.decode_seconds += t - req.first_token_at
+        c.finished_prompt += req.prompt_tokens
+        c.finished_computed += req.prompt_tokens - max(0, req.cached_tokens)
 
     def _flush_tokens(self) -> None:
         for rid, (count, t) in self._pending_tokens.items():

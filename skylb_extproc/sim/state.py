@@ -70,6 +70,10 @@ class EngineMetrics:
     prefill_seconds_sum: float = 0.0
     prefill_seconds_count: int = 0
     decode_seconds_sum: float = 0.0
+    # vllm:request_prompt_tokens / vllm:request_prefill_kv_computed_tokens (prompt minus its
+    # cached tokens), observed at the finish too.
+    finished_prompt_tokens: int = 0
+    finished_computed_tokens: int = 0
 
 
 @dataclass(slots=True, eq=False)
@@ -114,3 +118,5 @@ class Counters:
     prefill_seconds: float = 0.0
     prefill_count: int = 0
     decode_seconds: float = 0.0
+    finished_prompt: int = 0
+    finished_computed: int = 0

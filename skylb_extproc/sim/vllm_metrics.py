@@ -43,6 +43,8 @@ _PROMPT_DOC = "Number of prefill tokens processed."
 _GENERATION_DOC = "Number of generation tokens processed."
 _PREFILL_TIME_DOC = "Histogram of time spent in PREFILL phase for request."
 _DECODE_TIME_DOC = "Histogram of time spent in DECODE phase for request."
+_PROMPT_HIST_DOC = "Number of prefill tokens processed."
+_COMPUTED_DOC = "Histogram of new KV tokens computed during prefill (excluding cached tokens)."
 
 
 class VllmCollector(Collector):
@@ -75,10 +77,12 @@ class VllmCollector(Collector):
         histograms = (
             ("vllm:request_prefill_time_seconds", _PREFILL_TIME_DOC, m.prefill_seconds_sum),
             ("vllm:request_decode_time_seconds", _DECODE_TIME_DOC, m.decode_seconds_sum),
+            ("vllm:request_prompt_tokens", _PROMPT_HIST_DOC, m.finished_prompt_tokens),
+            ("vllm:request_prefill_kv_computed_tokens", _COMPUTED_DOC, m.finished_computed_tokens),
         )
         for name, doc, total in histograms:
             histogram = HistogramMetricFamily(name, doc, labels=list(labels))
-            count = m.prefill_seconds_count  # both observed once per finished request
+            count = m.prefill_seconds_count  # all observed once per finished request
             histogram.add_metric(list(labels.values()), [("+Inf", count)], sum_value=total)
             yield histogram
         yield self._success(m, labels)

@@ -12,6 +12,10 @@ Inputs (ScrapedMetrics, all cumulative since the engine started; server/scrape.p
   interval is from first SCHEDULED to first NEW_TOKEN"); _count = finished requests.
 - generation_tokens: every sampled token, the first one of each request included.
 - decode_seconds_sum: per finished request, last token time - first token time.
+- finished_prompt_tokens / finished_computed_tokens (vLLM's request_prompt_tokens and
+  request_prefill_kv_computed_tokens sums, optional): per finished request, like the prefill
+  time, so a chunk's tokens and seconds belong to the same requests; without them the prompt and
+  hit counters stand in, which move at other moments and pair only roughly over a chunk.
 
 Algorithm: a chunk accumulates counter deltas from an anchor scrape until it holds enough
 evidence (>= `min_requests` finished requests, >= `min_prefill_tokens` uncached prompt tokens,
@@ -25,6 +29,10 @@ of several requests the two sides cover the same requests up to the ones in flig
   (each finished request sampled its first token in a prefill step, not in a decode step).
 The EWMA runs on seconds per token (what a TTFT prediction multiplies by), not on rates.
 
+The rate is normalised to short context: a chunk's uncached tokens are weighted by the
+attention factor of its mean request (`attention_factor`), so a replica serving long prompts
+does not read as a slow one, and the predictor (policy/common.py `prefill_time`) multiplies the
+same factor back for each request.
 Bias, and which quantity a TTFT predictor wants. A request's prefill interval covers every
 step from its admission to its first token, and with chunked prefill those steps also carry
 other requests' chunks and the running decodes. Summed over requests, overlapping prefills count
@@ -39,24 +47,43 @@ lower bound of the throughput, i.e. a conservative TTFT. How low, on the simulat
 (bursts of 8 uncached 1,500-token prompts, 1 s apart, so the cap rarely engages): 2,148 tok/s
 learned vs 4,663 for a lone prompt on the L4 profile, 8,382 vs 39,698 on the H100 profile
 (budget 8,192: five prompts share each step). A predictor that adds queued work on top should
-know the rate already carries the recent concurrency. The decode step needs no such care:
+know the rate already carries the recent concurrency. With the finish-time token sums (vLLM)
+the chunk's tokens and seconds are the same requests' and the wall-time cap is wrong (requests
+finishing in a chunk prefilled before it began), so it applies only to the fallback. The speed
+is the median of the last `prefill_chunks` chunks: robust to a chunk of a few odd requests,
+and on the shared Mooncake trace at 4x load it reads ~0.7-0.8x the H100 profile's short-context
+rate (the per-request rate under chunked-prefill sharing). The decode step needs no such care:
 each request's decode time / its decode tokens is the step time at the batch it ran in.
 
 Resets: a counter lower than at the anchor means the engine restarted; the chunk is dropped and
 restarts there (what was learned is kept: the same replica, the same hardware). Non-finite or
 negative counters count as missing. Parameters and defaults: min_requests 4, min_prefill_tokens
-256, min_decode_tokens 64, min_window_s 2.0, alpha 0.3.
+256, min_decode_tokens 64, min_window_s 2.0, alpha 0.3 (decode), prefill_chunks 16.
 """
 
 from __future__ import annotations
 
 import math
+import statistics
+from collections import deque
 from dataclasses import dataclass
 from typing import Literal, NamedTuple
 
 from skylb_extproc.types import ScrapedMetrics
 
-__all__ = ["DEFAULT_PRIOR", "Speed", "SpeedEstimator"]
+__all__ = ["ATTENTION_TOKENS", "DEFAULT_PRIOR", "Speed", "SpeedEstimator", "attention_factor"]
+
+# Context length at which a prefill token's attention costs as much as the rest of its forward
+# pass. A property of the model's shape, not of the GPU: Llama-3.1-8B's calibration gives
+# k / 2q = 16.8k tokens on an H100 and 19.2k on an L4 (sim/profiles.py).
+ATTENTION_TOKENS = 16_384.0
+
+
+def attention_factor(cached: float, uncached: float) -> float:
+    """How much longer `uncached` new tokens take after `cached` ones than at short context:
+    each attends to the tokens before it, on average `cached + uncached / 2`."""
+    return 1.0 + (cached + uncached / 2) / ATTENTION_TOKENS
+
 
 Source = Literal["learned", "prior"]
 
@@ -92,6 +119,10 @@ class _Counters(NamedTuple):
     prefill_sum: float
     prefill_count: float
     decode_sum: float
+    # Prompt and computed (uncached) tokens of finished requests, when the engine has them
+    # (vLLM's request_prompt_tokens / request_prefill_kv_computed_tokens sums); -1: it has not.
+    fin_prompt: float = -1.0
+    fin_computed: float = -1.0
 
     def any_below(self, other: _Counters) -> bool:
         """Whether some counter went down since `other`: the engine restarted."""
@@ -102,6 +133,8 @@ class _Counters(NamedTuple):
             or self.prefill_sum < other.prefill_sum
             or self.prefill_count < other.prefill_count
             or self.decode_sum < other.decode_sum
+            or self.fin_prompt < other.fin_prompt
+            or self.fin_computed < other.fin_computed
         )
 
 
@@ -125,7 +158,10 @@ def _counters(m: ScrapedMetrics, now: float) -> _Counters | None:
         and 0 <= dsum < _INF
     ):
         return None
-    return _Counters(now, prompt, hits, generation, psum, pcount, dsum)
+    fin_prompt, fin_computed = m.finished_prompt_tokens, m.finished_computed_tokens
+    if fin_prompt is None or fin_computed is None or not (0 <= fin_computed <= fin_prompt < _INF):
+        fin_prompt = fin_computed = -1.0
+    return _Counters(now, prompt, hits, generation, psum, pcount, dsum, fin_prompt, fin_computed)
 
 
 class SpeedEstimator:
@@ -140,6 +176,7 @@ class SpeedEstimator:
         min_decode_tokens: int = 64,
         min_window_s: float = 2.0,
         alpha: float = 0.3,
+        prefill_chunks: int = 16,
     ) -> None:
         if min_requests < 1 or min_prefill_tokens < 1 or min_decode_tokens < 1:
             raise ValueError("minimum sample sizes must be >= 1")
@@ -153,7 +190,8 @@ class SpeedEstimator:
         self._alpha = alpha
         self._prefill_anchor: _Counters | None = None
         self._decode_anchor: _Counters | None = None
-        self._prefill_s_per_token: float | None = None  # EWMA, once learned
+        # Seconds per short-context token of the last chunks; their median is the speed.
+        self._prefill_chunks: deque[float] = deque(maxlen=max(1, prefill_chunks))
         self._decode_step_s: float | None = None  # EWMA, once learned
         self._has_counters: bool | None = None  # None: no successful scrape yet
         self._speed = prior  # rebuilt only when a chunk is learned: views read it per decision
@@ -169,7 +207,7 @@ class SpeedEstimator:
         return self._speed
 
     def _current(self) -> Speed:
-        prefill = self._prefill_s_per_token
+        prefill = statistics.median(self._prefill_chunks) if self._prefill_chunks else None
         decode = self._decode_step_s
         prior = self._prior
         return Speed(
@@ -197,17 +235,30 @@ class SpeedEstimator:
         assert a is not None
         if c.prefill_count - a.prefill_count < self._min_requests:
             return False  # the common case, checked first: scrapes come every 100 ms
-        tokens = max(0.0, (c.prompt - a.prompt) - (c.hits - a.hits))
+        aligned = a.fin_computed >= 0 and c.fin_computed >= 0
+        if aligned:
+            # Observed at the finish, as the prefill time: the same requests on both sides.
+            tokens = c.fin_computed - a.fin_computed
+            hits = (c.fin_prompt - a.fin_prompt) - tokens
+        else:  # prompt tokens count at the first token, hits at admission: close over a chunk
+            hits = c.hits - a.hits
+            tokens = max(0.0, (c.prompt - a.prompt) - hits)
         wall = c.at - a.at
         if tokens < self._min_prefill_tokens or wall < self._min_window_s:
             return False
         seconds = c.prefill_sum - a.prefill_sum
-        if wall > 0:
+        if wall > 0 and not aligned:
             seconds = min(seconds, wall)
         self._prefill_anchor = c
         if seconds <= 0:
             return False
-        self._prefill_s_per_token = self._fold(self._prefill_s_per_token, seconds / tokens)
+        # Per short-context token: long prompts spend the extra time on attention, which the
+        # predictor adds back per request (each request taken as the chunk's mean).
+        requests = max(1.0, c.prefill_count - a.prefill_count)
+        per_token = seconds / (tokens * attention_factor(hits / requests, tokens / requests))
+        if not (math.isfinite(per_token) and per_token > 0):
+            return False
+        self._prefill_chunks.append(per_token)
         return True
 
     def _learn_decode(self, c: _Counters) -> bool:
