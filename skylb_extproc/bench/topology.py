@@ -2,9 +2,10 @@
 
 | name | balancers | local policy (router.py) | pushing | cross-region |
 |---|---|---|---|---|
-| skylb | per region, own replicas | `skylb` (prefix) | selective | spill by prefix index |
+| skylb | per region | `skylb` (predicted TTFT) | held when queue > hold_s | by predicted TTFT |
+| skylb-paper | per region | `skylb_paper` (prefix) | selective | by prefix index |
 | skylb-ch | per region, own replicas | `consistent_hash` | selective | spill by region ring |
-| skylb-cost | per region, own replicas | `skylb` (prefix) | selective | spill by expected TTFT |
+| skylb-cost | per region | `skylb_paper` (prefix) | selective | by expected TTFT |
 | region-local | per region, own replicas | `prefix_affinity` | blind | none |
 | llm-d | per region, own replicas | `llm_d` (prefix 3 : queue 2 : kv 2) | blind | none |
 | dynamo | per region, own replicas | `dynamo` (prefill + decode blocks) | blind | none |
@@ -12,7 +13,14 @@
 | round-robin | same | `round_robin` | blind | via the one LB |
 | consistent-hash | same | `consistent_hash` | blind | via the one LB |
 | sglang | same | `prefix_affinity` | blind | via the one LB |
-| skylb-affinity (on request) | as skylb | `skylb` with `affinity_slack: 1` | selective | as skylb |
+| skylb-affinity (on request) | per region | `skylb_paper`, `affinity_slack: 1` | selective | by prefix |
+| skylb-local (on request) | as skylb | `skylb` | as skylb | none (the ablation) |
+
+`skylb` is the default policy and spill mode of the live server: per replica a predicted TTFT
+(prefill backlog + engine queue + uncached prefill at the replica's learned speed, prior = its
+profile), per peer the same plus the round trip (policy/skylb.py, region/predict.py). Its
+prefix index is bounded by each replica's scraped KV size; the baselines keep theirs as their
+authors do. `skylb-paper` is the paper's rule, kept for comparison.
 
 `region-local` stands for the GKE/GIE-style per-region gateway: it scores replicas by prefix and
 load and pushes at once (the gateway keeps no queue of its own), and never leaves its region.
@@ -23,15 +31,15 @@ clients of other regions pay the RTT to it and it pays the RTT to other regions'
 frontend with `--router-mode kv`) per region in front of that region's replicas, pushing at
 once, with no notion of other regions.
 
-`skylb-affinity` is run only when named in `--policies` (the default list is the ten above): the
-paper's skylb, except that a replica holding more than `cache_threshold` of the prompt also takes
-it with one request pending (policy/skylb.py).
+The on-request systems run only when named in `--policies`: `skylb-affinity` is the paper's
+skylb, except that a replica holding more than `cache_threshold` of the prompt also takes it
+with one request pending (policy/skylb_paper.py); `skylb-local` is `skylb` without spilling.
 
-`skylb-cost` is our extension (region/cost.py): it spills only when a peer's expected TTFT (RTT
-+ its queue wait + uncached prefill) beats waiting at home, with hysteresis; its prefill speed
-is the profile's (1000 / prefill_k_ms tokens/s). Every balancer is the core
-`region.balancer.RegionBalancer`, the one the live server runs; the single-balancer baselines
-get one without peers, which is the Router unchanged.
+`skylb-cost` is an earlier extension (region/cost.py): the paper's local rule, spilling only
+when a peer's expected TTFT (RTT + its queue wait + uncached prefill) beats waiting at home,
+with hysteresis; its prefill speed is the profile's (1000 / prefill_k_ms tokens/s). Every
+balancer is the core `region.balancer.RegionBalancer`, the one the live server runs; the
+single-balancer baselines get one without peers, which is the Router unchanged.
 
 Clients send `x-hash-key` = their conversation (prefix group), as the paper's clients send their
 session; consistent hashing keys on it.
@@ -62,6 +70,7 @@ Mode = Literal["prefix", "hash", "cost", "predict"]
 _TABLE: dict[str, tuple[str, dict[str, object], bool, Mode | None]] = {
     "skylb": ("skylb", {}, True, "predict"),
     "skylb-paper": ("skylb_paper", {}, True, "prefix"),
+    "skylb-local": ("skylb", {}, True, None),
     "skylb-ch": ("consistent_hash", {"selective": True}, True, "hash"),
     "skylb-cost": ("skylb_paper", {}, True, "cost"),
     "region-local": ("prefix_affinity", {}, True, None),
@@ -75,7 +84,7 @@ _TABLE: dict[str, tuple[str, dict[str, object], bool, Mode | None]] = {
 }
 SYSTEMS: tuple[str, ...] = tuple(_TABLE)
 # What runs unless --policies names others: every system but the on-request variants.
-POLICIES: tuple[str, ...] = tuple(s for s in SYSTEMS if s not in ("skylb-affinity",))
+POLICIES: tuple[str, ...] = tuple(s for s in SYSTEMS if s not in ("skylb-affinity", "skylb-local"))
 
 # The live server's defaults except the queue bounds (confirm_on_headers stays off, as for vLLM,
 # which sends response headers on accept). Waiting is part of the latency being measured, so
