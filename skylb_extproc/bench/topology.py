@@ -13,7 +13,7 @@
 | round-robin | same | `round_robin` | blind | via the one LB |
 | consistent-hash | same | `consistent_hash` | blind | via the one LB |
 | sglang | same | `prefix_affinity` | blind | via the one LB |
-| skylb-affinity (on request) | per region | `skylb_paper`, `affinity_slack: 1` | selective | by prefix |
+| skylb-affinity (on request) | per region | `skylb_paper`, slack 1 | selective | by prefix |
 | skylb-local (on request) | as skylb | `skylb` | as skylb | none (the ablation) |
 
 `skylb` is the default policy and spill mode of the live server: per replica a predicted TTFT
