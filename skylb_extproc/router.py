@@ -329,6 +329,7 @@ class Router:
             decisions=self._decisions,
             max_tokens=request.max_tokens or 0,
             key_hash=self.affinity_key(request, hashes),
+            queued=len(self._queue),
         )
 
     def _hashes(self, request: RouteRequest) -> tuple[int, ...]:

@@ -119,6 +119,7 @@ class Snapshot:
     decisions: int  # decisions made so far by this router (round robin cursor)
     max_tokens: int = 0  # the request's max_tokens (0: not given)
     key_hash: int | None = None  # 64-bit hash of the consistent-hashing key, if any
+    queued: int = 0  # requests waiting in this balancer's queue (this one included)
 
 
 @dataclass(frozen=True, slots=True)

@@ -289,7 +289,12 @@ def test_selective_consistent_hash_waits() -> None:
 def test_defaults() -> None:
     paper = make_policy("skylb_paper", {})
     assert vars(paper) == {"cache_threshold": 0.5, "pending_slack": 0}
-    assert vars(make_policy("skylb", {})) == {"hold_s": 0.5, "lookahead": 8}
+    assert vars(make_policy("skylb", {})) == {
+        "hold_s": 1.0,
+        "lookahead": 8,
+        "saturated_queue": 4.0,
+        "saturated_hold_s": 5.0,
+    }
     sglang = make_policy("prefix_affinity", {})
     assert vars(sglang) == {
         "cache_threshold": 0.3,

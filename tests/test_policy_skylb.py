@@ -36,7 +36,7 @@ def v(name: str, *, m: int = 0, backlog: float = 0.0, up: bool = True, **kw: obj
     return replace(view, **kw)  # type: ignore[arg-type]
 
 
-def snap(*views: ReplicaView, decisions: int = 0, max_tokens: int = 0) -> Snapshot:
+def snap(*views: ReplicaView, decisions: int = 0, max_tokens: int = 0, queued: int = 1) -> Snapshot:
     return Snapshot(
         replicas=views,
         prompt_blocks=62,
@@ -44,6 +44,7 @@ def snap(*views: ReplicaView, decisions: int = 0, max_tokens: int = 0) -> Snapsh
         block_chars=64,
         decisions=decisions,
         max_tokens=max_tokens,
+        queued=queued,
     )
 
 
@@ -79,6 +80,16 @@ CASES = [
     Case(
         "the best replica's queue exceeds hold_s: held at the balancer",
         snap(v("r0", m=60, backlog=0.8), v("r1", backlog=1.5)),
+        Wait(),
+    ),
+    Case(
+        "saturated (over 4 waiting per replica): the bound is saturated_hold_s",
+        snap(v("r0", m=60, backlog=0.8), v("r1", backlog=1.5), queued=9),
+        r("r0", "prefix"),
+    ),
+    Case(
+        "4 per replica is not saturated yet",
+        snap(v("r0", m=60, backlog=0.8), v("r1", backlog=1.5), queued=8),
         Wait(),
     ),
     Case(
@@ -119,7 +130,7 @@ CASES = [
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
 def test_decisions(case: Case) -> None:
-    policy = make_policy("skylb", case.params)
+    policy = make_policy("skylb", {"hold_s": 0.5} | case.params)
     assert policy.decide(REQUEST, case.snapshot, random.Random(0)) == case.expected
 
 
