@@ -128,14 +128,19 @@ class Router:
 
     # --- events ---------------------------------------------------------------------------------
 
-    def on_request(self, request: RouteRequest, now: float) -> list[Dispatch]:
-        """A request is known (headers, or the whole body): answer now or queue it."""
+    def on_request(
+        self, request: RouteRequest, now: float, hashes: tuple[int, ...] | None = None
+    ) -> list[Dispatch]:
+        """A request is known (headers, or the whole body): answer now or queue it. `hashes`:
+        its block hashes when the caller has them already (`hashes(request)`)."""
         out = self._advance(now)
         if self._closed:
             out.append(Dispatch(request.request_id, SHUTDOWN))
         elif not request.inference:
             out.append(self._passthrough(request, now))
-        elif not self._queue.offer(request, self._hashes(request), now):
+        elif not self._queue.offer(
+            request, self._hashes(request) if hashes is None else hashes, now
+        ):
             out.append(Dispatch(request.request_id, QUEUE_FULL))
         else:
             out.extend(self._poll(now))

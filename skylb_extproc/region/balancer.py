@@ -113,11 +113,15 @@ class RegionBalancer:
     # --- events ---------------------------------------------------------------------------------
 
     def on_request(self, request: RouteRequest, now: float) -> list[Action]:
+        hashes = None
         if self._spill is not None and request.origin is None:
-            direct = self._direct(request, now) or self._predicted(request, now)
+            direct = self._direct(request, now)
+            if direct is None and self._spill.planner.settings.mode == "predict":
+                hashes = self.router.hashes(request) if request.inference else ()
+                direct = self._predicted(request, hashes, now)
             if direct is not None:
                 return [direct]
-        return self._after(self.router.on_request(request, now), now)
+        return self._after(self.router.on_request(request, now, hashes), now)
 
     def on_started(self, request_id: str, now: float) -> list[Action]:
         return self._after(self.router.on_started(request_id, now), now)
@@ -221,16 +225,14 @@ class RegionBalancer:
             return self._forward(request.request_id, hashes, fwd, now, rescue=True)
         return None if here else Dispatch(request.request_id, NO_ALLOWED_REGION)
 
-    def _predicted(self, request: RouteRequest, now: float) -> Action | None:
+    def _predicted(
+        self, request: RouteRequest, hashes: tuple[int, ...], now: float
+    ) -> Action | None:
         """`predict` mode at arrival: leave at once if a peer is the better bet (rule 5 asks
         again while it waits)."""
-        assert self._spill is not None
-        if self._spill.planner.settings.mode != "predict" or not request.inference:
-            return None
         allowed = self._residency.allowed_for(request)
-        if not self._may_leave(allowed):
+        if not request.inference or not self._may_leave(allowed):
             return None
-        hashes = self.router.hashes(request)
         queue = self.router.queue_length
         fwd = self._choose(request, hashes, allowed, now, queue=queue, rescue=False)
         return None if fwd is None else self._forward(request.request_id, hashes, fwd, now)

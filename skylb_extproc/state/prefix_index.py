@@ -5,7 +5,7 @@ request is dispatched to a target, its chained block hashes (see `hashing.py`) a
 that target. A new request's longest recorded prefix per target estimates how much of its prompt
 that target can serve from cache.
 
-- Per target a `cachetools.LRUCache` (block hash -> last insert time) bounds memory to
+- Per target an LRU (block hash -> last insert time, an OrderedDict) bounds memory to
   `max_blocks_per_target` entries per target (~150 B each, measured on CPython 3.11: the default
   200,000 blocks cost up to ~30 MB per replica).
 - `insert` touches hashes from last to first: the *start* of a prompt becomes the most recently
@@ -24,30 +24,49 @@ a prompt is therefore a prefix of its hashes, found in O(log n) lookups rather t
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Sequence
-
-from cachetools import Cache, LRUCache
 
 __all__ = ["PrefixIndex"]
 
 
-class _TargetCache(LRUCache[int, float]):
-    """An LRU of one target's block hashes -> last insert time."""
+class _TargetCache:
+    """An LRU of one target's block hashes -> last insert time, least recent first.
+
+    An OrderedDict (C) rather than `cachetools.LRUCache`: the evaluator inserts millions of
+    hashes per run, and each LRUCache insert costs several Python calls."""
+
+    __slots__ = ("_entries", "maxsize")
+
+    def __init__(self, maxsize: int) -> None:
+        self.maxsize = maxsize
+        self._entries: OrderedDict[int, float] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __contains__(self, key: int) -> bool:
+        return key in self._entries
+
+    def touch(self, key: int, stamp: float) -> None:
+        """Record `key` at `stamp` as the most recently used; the least recent go when full."""
+        entries = self._entries
+        if key in entries:
+            entries.move_to_end(key)
+        entries[key] = stamp
+        if len(entries) > self.maxsize:
+            entries.popitem(last=False)
 
     def fresh(self, key: int, oldest: float) -> bool:
-        """Recorded after `oldest`, read without marking it recently used (`cache[key]` would)."""
-        if key not in self:
-            return False
-        stamp: float = Cache.__getitem__(self, key)
-        return stamp > oldest
+        """Recorded after `oldest`; reading does not mark it used."""
+        stamp = self._entries.get(key)
+        return stamp is not None and stamp > oldest
 
-    def resized(self, maxsize: int) -> _TargetCache:
-        """A copy bounded by `maxsize`, same LRU order (emptying this one: popitem is the LRU)."""
-        entries = [self.popitem() for _ in range(len(self))]
-        copy = _TargetCache(maxsize)
-        for key, stamp in entries:  # least recent first; the oldest fall out if it is smaller
-            copy[key] = stamp
-        return copy
+    def resize(self, maxsize: int) -> None:
+        """A new bound; the least recently used entries go until it holds."""
+        self.maxsize = maxsize
+        while len(self._entries) > maxsize:
+            self._entries.popitem(last=False)
 
 
 class PrefixIndex:
@@ -68,7 +87,7 @@ class PrefixIndex:
         if cache is None:
             cache = self._caches[target] = _TargetCache(self._max)
         for h in reversed(hashes):
-            cache[h] = now
+            cache.touch(h, now)
 
     def match(self, hashes: Sequence[int], now: float) -> dict[str, int]:
         """target -> number of leading `hashes` it holds (targets with 0 are left out)."""
@@ -98,7 +117,7 @@ class PrefixIndex:
         if cache is None:
             self._caches[target] = _TargetCache(size)
         elif cache.maxsize != size:
-            self._caches[target] = cache.resized(size)
+            cache.resize(size)
 
     def remove_target(self, target: str) -> None:
         """Forget a target (it left the configuration or lost its cache)."""
