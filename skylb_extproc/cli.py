@@ -59,6 +59,12 @@ def _vllm_setup(args: argparse.Namespace) -> int:
     return main_vllm_setup(args)
 
 
+def _vllm_bench_serve(args: argparse.Namespace) -> int:
+    from skylb_extproc.bench.serve import main_bench_serve
+
+    return main_bench_serve(args)
+
+
 def _demo(args: argparse.Namespace) -> int:
     from skylb_extproc.demo import main_demo
 
@@ -137,6 +143,7 @@ def _add_vllm(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     # Argument definitions live beside the code (light modules: no vLLM import here).
     from skylb_extproc.backends.vllm import add_replica_arguments
     from skylb_extproc.backends.vllm_setup import add_setup_arguments
+    from skylb_extproc.bench.serve import add_bench_serve_arguments
 
     replica = sub.add_parser("vllm-replica", help="run one real vLLM replica (its own venv)")
     add_replica_arguments(replica)
@@ -144,6 +151,11 @@ def _add_vllm(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     setup = sub.add_parser("vllm-setup", help="install vLLM (CPU) into its venv and check it")
     add_setup_arguments(setup)
     setup.set_defaults(handler=_vllm_setup)
+    bench_serve = sub.add_parser(
+        "vllm-bench-serve", help="vLLM's bench serve through Envoy + skylb, policy by policy"
+    )
+    add_bench_serve_arguments(bench_serve)
+    bench_serve.set_defaults(handler=_vllm_bench_serve)
 
 
 def _add_demo(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

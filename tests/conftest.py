@@ -86,9 +86,14 @@ def start_pool(workdir: Path, opts: StackOptions) -> ReplicaPool:
 
 @pytest.fixture(scope="session")
 def vllm_pool(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ReplicaPool]:
-    """Three real vLLM replicas for the whole session (~30-60 s to start side by side)."""
+    """Three real vLLM replicas for the whole session (~30-60 s to start side by side).
+
+    With vLLM's dev endpoints (loopback test replicas only): the bench-serve test empties their
+    prefix caches between policies with POST /reset_prefix_cache."""
     require_vllm()
-    pool = start_pool(tmp_path_factory.mktemp("vllm-pool"), REAL)
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("VLLM_SERVER_DEV_MODE", "1")
+        pool = start_pool(tmp_path_factory.mktemp("vllm-pool"), REAL)
     try:
         yield pool
     finally:
