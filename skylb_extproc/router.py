@@ -121,6 +121,7 @@ class Router:
             max_length=settings.queue_max_length, max_wait_s=settings.queue_max_wait_s
         )
         self._decisions = 0  # policy Route decisions so far: the round-robin cursor
+        self._fills: dict[str, float] = {}  # replica -> how full its prefix index is
         # Blocks of prompt the consistent-hashing key covers without a session header.
         self._key_blocks: int = getattr(policy, "key_blocks", DEFAULT_KEY_BLOCKS)
         self._now = float("-inf")  # latest `now` seen, for next_deadline()
@@ -168,6 +169,7 @@ class Router:
             tokens = metrics.num_gpu_blocks * (metrics.block_size or 16)
             blocks = int(tokens * CHARS_PER_TOKEN) // self._settings.block_chars
             self._index.set_capacity(replica, blocks)
+            self._fills[replica] = self._index.fill(replica)
         return self._advance(now) + self._poll(now)
 
     def on_timer(self, now: float) -> list[Dispatch]:
@@ -313,6 +315,7 @@ class Router:
             prefill_s=prefill_seconds(chosen, snapshot),
         )
         self._index.insert(route.replica, entry.hashes, now)
+        self._fills[route.replica] = self._index.fill(route.replica)
         self._decisions += 1
         return Dispatch(
             request_id,
@@ -327,7 +330,7 @@ class Router:
     def _snapshot_of(self, request: RouteRequest, hashes: tuple[int, ...], now: float) -> Snapshot:
         matched = self._index.match(hashes, now) if hashes else None
         return Snapshot(
-            replicas=self._load.views(now, matched, hashes),
+            replicas=self._load.views(now, matched, hashes, self._fills),
             prompt_blocks=len(hashes),
             prompt_chars=len(request.prompt),
             block_chars=self._settings.block_chars,

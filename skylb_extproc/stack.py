@@ -24,6 +24,7 @@ from skylb_extproc.config import (
     ListenConfig,
     PolicyConfig,
     QueueConfig,
+    SpeedConfig,
     write_config,
 )
 from skylb_extproc.envoy_config import EnvoySettings, envoy_command, write_envoy_config
@@ -162,6 +163,20 @@ def start_replicas(sup: Supervisor, opts: StackOptions, prefix: str = "") -> lis
 
 
 def skylb_config(opts: StackOptions, replicas: Sequence[ReplicaSpec]) -> Config:
+    from skylb_extproc.sim.profiles import PROFILES, speed_prior
+
+    # The replicas' profile is the speed prior, as an operator who knows their GPUs would set it
+    # (a wrong prior costs the first seconds, until the counters teach better); simulated
+    # replicas run time_scale times faster.
+    prior = speed_prior(PROFILES[opts.profile]) if opts.profile in PROFILES else None
+    speed = (
+        SpeedConfig()
+        if prior is None
+        else SpeedConfig(
+            prefill_tokens_per_s=prior.prefill_tokens_per_s * opts.time_scale,
+            decode_step_s=prior.decode_step_s / opts.time_scale,
+        )
+    )
     return Config(
         region=opts.region,
         replicas=tuple(replicas),
@@ -169,6 +184,7 @@ def skylb_config(opts: StackOptions, replicas: Sequence[ReplicaSpec]) -> Config:
         policy=PolicyConfig(name=opts.policy, params=dict(opts.policy_params)),
         queue=QueueConfig(max_length=opts.queue_max_length, max_wait_s=opts.queue_max_wait_s),
         limits=LimitsConfig(max_body_bytes=opts.max_body_bytes),
+        speed=speed,
     )
 
 

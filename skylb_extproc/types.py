@@ -98,6 +98,12 @@ class ReplicaView:
     # about that long for one to end.
     kv_free_tokens: float = float("inf")
     finish_interval_s: float = 0.0
+    # How full this replica's prefix index is (0..1; bounded by its KV cache): a prefix copied
+    # there evicts others about as much.
+    cache_fill: float = 0.0
+    # The share of prompt tokens it served from cache lately (engine counters): how much what a
+    # copied prefix evicts would have been worth.
+    cache_hit_rate: float = 0.0
     # Scraped gauges as the engine reports them (llm-d's queue and KV-utilization scorers);
     # 0 when never scraped or not exported, as llm-d's metrics default to.
     waiting: float = 0.0  # vllm:num_requests_waiting of the last successful scrape

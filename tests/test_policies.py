@@ -294,6 +294,7 @@ def test_defaults() -> None:
         "lookahead": 8,
         "saturated_queue": 4.0,
         "saturated_hold_s": 5.0,
+        "eviction_weight": 0.5,
     }
     sglang = make_policy("prefix_affinity", {})
     assert vars(sglang) == {

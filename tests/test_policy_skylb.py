@@ -114,6 +114,18 @@ CASES = [
         r("r0", "prefix"),
     ),
     Case(
+        "a copy into a full, much reused cache counts what it evicts (1.03 s x 1.5 > 1.2 s)",
+        snap(v("r0", m=60, backlog=1.2), v("r1", cache_fill=1.0, cache_hit_rate=1.0)),
+        r("r0", "prefix"),
+        {"hold_s": 2.0},
+    ),
+    Case(
+        "the same copy into an empty cache evicts nothing: the idle replica",
+        snap(v("r0", m=60, backlog=1.2), v("r1", cache_fill=0.0, cache_hit_rate=1.0)),
+        r("r1", "predicted"),
+        {"hold_s": 2.0},
+    ),
+    Case(
         "an unhealthy holder gets nothing",
         snap(v("r0", m=60, up=False), v("r1")),
         r("r1", "predicted"),

@@ -155,3 +155,21 @@ def test_a_head_waiting_past_the_bypass_limit_is_decided_alone() -> None:
     _two_busy_conversations(router)
     assert router.on_finished("a1", 2.0) == []  # b2 has waited 1 s: nothing passes it
     assert router.queue_length == 2
+
+
+def test_fill_follows_the_index_and_hit_rate_the_engine_counters() -> None:
+    index = PrefixIndex(max_blocks_per_target=10, ttl_s=100.0)
+    assert index.fill("r0") == 0.0
+    index.insert("r0", (1, 2, 3, 4, 5), 0.0)
+    assert index.fill("r0") == 0.5
+    index.set_capacity("r0", 5)
+    assert index.fill("r0") == 1.0
+    t = tracker()
+    counters = [(0, 0), (50, 100), (150, 200), (150, 200), (10, 20)]  # last: a restart
+    rates = []
+    for i, (hits, queries) in enumerate(counters):
+        m = ScrapedMetrics(waiting=0, running=0, prefix_hits=hits, prefix_queries=queries)
+        t.on_scrape("r0", m, started_at=float(i), now=float(i))
+        rates.append(r0(t, float(i)).cache_hit_rate)
+    # EWMA (alpha 0.1) of 0.5 then 1.0; no new queries and a restart change nothing
+    assert rates == pytest.approx([0.0, 0.05, 0.145, 0.145, 0.145])

@@ -14,8 +14,17 @@ For every healthy replica r the request's TTFT there is predicted as
   prefilling elsewhere, and loses it when it does not — where SkyLB's availability gate dropped
   the holder whenever it had one request waiting.
 
-The request goes to the smallest prediction (ties: more matched blocks, fewer in flight, then a
-rotation so that an idle pool spreads new conversations). It is held at the balancer (`Wait`)
+The request goes to the smallest prediction, counting one more cost a TTFT does not show: a
+prefix prefilled on a replica whose cache is full evicts about as much of other prefixes, which
+their next requests pay for in proportion to how much the cache is reused. So the prefill term
+is weighted by 1 + `eviction_weight` x the replica's cache fill (its prefix index's occupancy,
+bounded by its KV cache) x its recent cache hit rate (engine counters). Without it the holder of
+a prefix lost to an idle replica whenever one queued request cost as much as a full prefill
+(fast engines, short prompts), and the prefix was copied, evicting another: through two real
+vLLM replicas whose caches held 0.75x the prefixes (vLLM's bench serve, docs/benchmarks.md)
+the engines' hit rate was 0.75 against 0.86 for SGLang's policy, and 0.86 with this term
+(0.5). Ties: more matched blocks, fewer in flight, then a rotation so that an idle pool spreads
+new conversations. It is held at the balancer (`Wait`)
 when that replica's queueing part (backlog + admit wait) exceeds `hold_s`: pushed, it would only
 wait in that replica's queue, where it can no longer take whichever replica frees first, nor be
 spilled to another region (the region balancer's spill compares the same prediction with the
@@ -32,9 +41,11 @@ has room (a head waiting longer than the router's bypass limit stops this: no st
 
 Parameters (defaults measured in docs/benchmarks.md): `hold_s` (float >= 0, default 1.0),
 `lookahead` (int >= 0, default 8), `saturated_queue` (float >= 0, default 4.0),
-`saturated_hold_s` (float >= 0, default 5.0).
+`saturated_hold_s` (float >= 0, default 5.0), `eviction_weight` (float >= 0, default 0.5).
 Reads: `ReplicaView.healthy`, `.matched_blocks`, `.in_flight`, `.prefill_tokens_per_s`,
-`.backlog_s`, `.admit_wait_s`, `.kv_free_tokens`, `.finish_interval_s`; `Snapshot.prompt_chars`,
+`.backlog_s`, `.admit_wait_s`, `.kv_free_tokens`, `.finish_interval_s`, `.cache_fill`,
+`.cache_hit_rate`;
+`Snapshot.prompt_chars`,
 `.block_chars`, `.max_tokens`, `.decisions`, `.queued`. Ignores
 `rng`. Decisions: `Route` or `Wait`; never `Reject` (the router and the region balancer answer
 when no replica is healthy).
@@ -47,11 +58,12 @@ from collections.abc import Mapping
 
 from skylb_extproc.policy.common import (
     ParamReader,
-    predicted_ttft,
+    kv_tokens,
+    prefill_seconds,
     queue_seconds,
     route,
 )
-from skylb_extproc.types import Decision, RouteRequest, Snapshot, Wait
+from skylb_extproc.types import Decision, ReplicaView, RouteRequest, Snapshot, Wait
 
 __all__ = ["SkyLBPolicy", "create"]
 
@@ -73,11 +85,13 @@ class SkyLBPolicy:
         lookahead: int = 8,
         saturated_queue: float = 4.0,
         saturated_hold_s: float = 5.0,
+        eviction_weight: float = 0.5,
     ) -> None:
         self.hold_s = hold_s
         self.lookahead = lookahead
         self.saturated_queue = saturated_queue
         self.saturated_hold_s = saturated_hold_s
+        self.eviction_weight = eviction_weight
 
     def decide(self, request: RouteRequest, snapshot: Snapshot, rng: random.Random) -> Decision:
         healthy = [v for v in snapshot.replicas if v.healthy]
@@ -85,10 +99,16 @@ class SkyLBPolicy:
             return Wait()
         n = len(healthy)
         rotation = snapshot.decisions % n
+        tokens = kv_tokens(snapshot)
+
+        def cost(v: ReplicaView) -> float:
+            evicts = 1.0 + self.eviction_weight * v.cache_fill * v.cache_hit_rate
+            return queue_seconds(v, tokens) + prefill_seconds(v, snapshot) * evicts
+
         best = min(
             range(n),
             key=lambda i: (
-                predicted_ttft(healthy[i], snapshot),
+                cost(healthy[i]),
                 -healthy[i].matched_blocks,
                 healthy[i].in_flight,
                 (i - rotation) % n,
@@ -112,6 +132,7 @@ def create(params: Mapping[str, object]) -> SkyLBPolicy:
         lookahead=reader.integer("lookahead", 8, low=0),
         saturated_queue=reader.number("saturated_queue", 4.0, low=0.0),
         saturated_hold_s=reader.number("saturated_hold_s", 5.0, low=0.0),
+        eviction_weight=reader.number("eviction_weight", 0.5, low=0.0),
     )
     reader.finish()
     return policy

@@ -62,6 +62,7 @@ NO_FINISH_INTERVAL_S = 2.0
 class _Replica:
     spec: ReplicaSpec
     speed: SpeedEstimator
+    reuse: _HitRate = field(default_factory=lambda: _HitRate())
     metrics: ScrapedMetrics | None = None  # last successful scrape
     ok_at: float | None = None  # when the last successful scrape's result arrived
     scrape_started_at: float | None = None  # start of the last recorded scrape (ok or failed)
@@ -79,6 +80,27 @@ class _Replica:
     blocks: dict[int, int] = field(default_factory=dict)
     # Our in-flight requests without a first token yet -> their uncached prompt blocks.
     prefill: dict[str, float] = field(default_factory=dict)
+
+
+class _HitRate:
+    """The share of prompt tokens a replica served from its prefix cache lately: an EWMA of the
+    scraped hit / query counter deltas (vLLM's and SGLang's prefix_cache_hits/queries)."""
+
+    ALPHA = 0.1  # per scrape with new queries: ~10 scrapes of memory
+
+    def __init__(self) -> None:
+        self.rate = 0.0
+        self._last: tuple[float, float] | None = None
+
+    def on_scrape(self, m: ScrapedMetrics) -> None:
+        if m.prefix_hits is None or m.prefix_queries is None:
+            return
+        last, self._last = self._last, (m.prefix_hits, m.prefix_queries)
+        if last is None:
+            return
+        hits, queries = m.prefix_hits - last[0], m.prefix_queries - last[1]
+        if queries > 0 and 0 <= hits <= queries:  # a restart makes them negative: skipped
+            self.rate += self.ALPHA * (hits / queries - self.rate)
 
 
 class LoadTracker:
@@ -197,6 +219,7 @@ class LoadTracker:
         state.metrics = metrics
         state.seq_cap = _learn_seq_cap(state.seq_cap, metrics)
         state.speed.on_scrape(metrics, now)
+        state.reuse.on_scrape(metrics)
         state.ok_at = now
         # Dispatches sent before this scrape began are inside its numbers from now on.
         # An engine publishes its gauges per step: a request that reached it during the step
@@ -205,7 +228,11 @@ class LoadTracker:
         state.unseen = {rid: u for rid, u in state.unseen.items() if u[0] >= visible_before}
 
     def views(
-        self, now: float, matched: Mapping[str, int] | None = None, hashes: Sequence[int] = ()
+        self,
+        now: float,
+        matched: Mapping[str, int] | None = None,
+        hashes: Sequence[int] = (),
+        fills: Mapping[str, float] | None = None,
     ) -> tuple[ReplicaView, ...]:
         """Every configured replica, in config order, as policies see it at `now`; `hashes`:
         the request's block hashes, for `active_overlap_blocks`."""
@@ -232,6 +259,8 @@ class LoadTracker:
                     admit_wait_s=pending * interval,
                     kv_free_tokens=free,
                     finish_interval_s=interval,
+                    cache_fill=fills.get(name, 0.0) if fills else 0.0,
+                    cache_hit_rate=state.reuse.rate,
                     waiting=0.0 if m is None else m.waiting,
                     kv_usage=0.0 if m is None or m.kv_usage is None else m.kv_usage,
                     active_blocks=len(state.blocks),

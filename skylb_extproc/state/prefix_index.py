@@ -119,6 +119,12 @@ class PrefixIndex:
         elif cache.maxsize != size:
             cache.resize(size)
 
+    def fill(self, target: str) -> float:
+        """How full `target`'s index is, 0..1: with the index bounded by the replica's KV cache,
+        how much a new prefix there would evict."""
+        cache = self._caches.get(target)
+        return 0.0 if cache is None else len(cache) / cache.maxsize
+
     def remove_target(self, target: str) -> None:
         """Forget a target (it left the configuration or lost its cache)."""
         self._caches.pop(target, None)
