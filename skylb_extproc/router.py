@@ -122,6 +122,8 @@ class Router:
         )
         self._decisions = 0  # policy Route decisions so far: the round-robin cursor
         self._fills: dict[str, float] = {}  # replica -> how full its prefix index is
+        # Counting every block of every request in flight is for policies that read it (Dynamo).
+        self._track_blocks = bool(getattr(policy, "reads_active_blocks", False))
         # Blocks of prompt the consistent-hashing key covers without a session header.
         self._key_blocks: int = getattr(policy, "key_blocks", DEFAULT_KEY_BLOCKS)
         self._now = float("-inf")  # latest `now` seen, for next_deadline()
@@ -310,7 +312,7 @@ class Router:
             request_id,
             now,
             kv_tokens=prompt_tokens + (entry.request.max_tokens or 0),
-            blocks=entry.hashes,
+            blocks=entry.hashes if self._track_blocks else (),
             prefill_blocks=uncached,
             prefill_s=prefill_seconds(chosen, snapshot),
         )

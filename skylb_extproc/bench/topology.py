@@ -31,9 +31,10 @@ clients of other regions pay the RTT to it and it pays the RTT to other regions'
 frontend with `--router-mode kv`) per region in front of that region's replicas, pushing at
 once, with no notion of other regions.
 
-The on-request systems run only when named in `--policies`: `skylb-affinity` is the paper's
-skylb, except that a replica holding more than `cache_threshold` of the prompt also takes it
-with one request pending (policy/skylb_paper.py); `skylb-local` is `skylb` without spilling.
+The on-request systems run only when named in `--policies`: `skylb-ch` and `skylb-cost` (the
+paper's rule with other spill modes), `skylb-affinity` (the paper's skylb, except that a
+replica holding more than `cache_threshold` of the prompt also takes it with one request
+pending: policy/skylb_paper.py), and `skylb-local` (`skylb` without spilling).
 
 `skylb-cost` is an earlier extension (region/cost.py): the paper's local rule, spilling only
 when a peer's expected TTFT (RTT + its queue wait + uncached prefill) beats waiting at home,
@@ -83,8 +84,10 @@ _TABLE: dict[str, tuple[str, dict[str, object], bool, Mode | None]] = {
     "skylb-affinity": ("skylb_paper", {"affinity_slack": 1}, True, "prefix"),
 }
 SYSTEMS: tuple[str, ...] = tuple(_TABLE)
-# What runs unless --policies names others: every system but the on-request variants.
-POLICIES: tuple[str, ...] = tuple(s for s in SYSTEMS if s not in ("skylb-affinity", "skylb-local"))
+# What runs unless --policies names others: every system but the on-request ones, the
+# skylb-paper variants (ch, cost, affinity) and the no-spill ablation run when named.
+ON_REQUEST = ("skylb-ch", "skylb-cost", "skylb-affinity", "skylb-local")
+POLICIES: tuple[str, ...] = tuple(s for s in SYSTEMS if s not in ON_REQUEST)
 
 # The live server's defaults except the queue bounds (confirm_on_headers stays off, as for vLLM,
 # which sends response headers on accept). Waiting is part of the latency being measured, so

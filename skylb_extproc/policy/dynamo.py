@@ -82,6 +82,7 @@ class DynamoPolicy:
 
     name = "dynamo"
     lookahead = 0  # FIFO: only the head of the queue is decided
+    reads_active_blocks = True  # the router counts our in-flight blocks per replica for it
     waits = False
     pending_slack = 0
 

@@ -46,7 +46,7 @@ import math
 from bisect import bisect_left
 from collections import deque
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from skylb_extproc.state.speed import DEFAULT_PRIOR, Speed, SpeedEstimator
 from skylb_extproc.types import ReplicaSpec, ReplicaView, ScrapedMetrics
@@ -131,6 +131,9 @@ class LoadTracker:
         self._kv_headroom = kv_headroom
         self._visible_after_s = visible_after_s
         self._where: dict[str, str] = {}  # request id -> replica, while in flight
+        self._version = 0  # bumped by every event that changes what views show
+        self._base_key: tuple[float, int, int] | None = None
+        self._base: tuple[ReplicaView, ...] = ()
         self._held: dict[str, Sequence[int]] = {}  # request id -> its prompt block hashes
 
     def on_dispatch(
@@ -155,6 +158,7 @@ class LoadTracker:
         `blocks`: its prompt block hashes; `prefill_blocks`: the prompt blocks the replica must
         compute (not cached there); both held until it finishes (prefill: until `on_prefilled`).
         """
+        self._version += 1
         state = self._get(replica)
         self.on_finished(request_id, now)  # a reused id replaces the old record
         self._where[request_id] = replica
@@ -173,18 +177,21 @@ class LoadTracker:
 
     def on_prefilled(self, request_id: str, now: float) -> None:
         """The first token came back: its prompt is computed (Dynamo's mark_prefill_completed)."""
+        self._version += 1
         replica = self._where.get(request_id)
         if replica is not None:
             self._replicas[replica].prefill.pop(request_id, None)
 
     def on_started(self, request_id: str, now: float) -> None:
         """Response headers seen: the engine has taken the request, it no longer waits."""
+        self._version += 1
         replica = self._where.get(request_id)
         if replica is not None:
             self._replicas[replica].unseen.pop(request_id, None)
 
     def on_finished(self, request_id: str, now: float) -> None:
         """The stream ended, for any reason. Unknown ids are ignored (never dispatched)."""
+        self._version += 1
         replica = self._where.pop(request_id, None)
         if replica is not None:
             state = self._replicas[replica]
@@ -208,6 +215,7 @@ class LoadTracker:
         self, replica: str, metrics: ScrapedMetrics | None, *, started_at: float, now: float
     ) -> None:
         """Record a scrape that began at `started_at` and ended at `now`; None = it failed."""
+        self._version += 1
         state = self._get(replica)
         if state.scrape_started_at is not None and started_at < state.scrape_started_at:
             return
@@ -235,40 +243,57 @@ class LoadTracker:
         fills: Mapping[str, float] | None = None,
     ) -> tuple[ReplicaView, ...]:
         """Every configured replica, in config order, as policies see it at `now`; `hashes`:
-        the request's block hashes, for `active_overlap_blocks`."""
-        matched = matched or {}
-        out: list[ReplicaView] = []
-        for name, state in self._replicas.items():
-            healthy = self._healthy(state, now)
-            pending, free = self._admission(state)
-            interval = _finish_interval(state.finishes, now)
-            m = state.metrics
-            speed = state.speed.speed
-            out.append(
-                ReplicaView(
-                    name=name,
-                    address=state.spec.address,
-                    healthy=healthy,
-                    available=healthy and pending <= self._max_pending,
-                    in_flight=len(state.in_flight),
-                    pending=pending,
-                    matched_blocks=matched.get(name, 0),
-                    prefill_tokens_per_s=speed.prefill_tokens_per_s,
-                    decode_step_s=speed.decode_step_s,
-                    backlog_s=max(0.0, state.busy_until - now),
-                    admit_wait_s=pending * interval,
-                    kv_free_tokens=free,
-                    finish_interval_s=interval,
-                    cache_fill=fills.get(name, 0.0) if fills else 0.0,
-                    cache_hit_rate=state.reuse.rate,
-                    waiting=0.0 if m is None else m.waiting,
-                    kv_usage=0.0 if m is None or m.kv_usage is None else m.kv_usage,
-                    active_blocks=len(state.blocks),
-                    active_overlap_blocks=_held_prefix(state.blocks, hashes),
-                    prefill_blocks=sum(state.prefill.values()),
-                )
+        the request's block hashes, for `active_overlap_blocks`; `fills`: each replica's prefix
+        index occupancy (the router's)."""
+        # What does not depend on the request is built once per instant and state: a waiting
+        # queue is decided again on every event, request after request, on the same state.
+        key = (now, self._version, id(fills))
+        if self._base_key != key:
+            self._base = tuple(
+                self._view(name, s, now, fills) for name, s in self._replicas.items()
             )
+            self._base_key = key
+        matched = matched or {}
+        tracked = hashes and any(s.blocks for s in self._replicas.values())
+        if not matched and not tracked:
+            return self._base
+        out: list[ReplicaView] = []
+        for view, state in zip(self._base, self._replicas.values(), strict=True):
+            m = matched.get(view.name, 0)
+            overlap = _held_prefix(state.blocks, hashes) if tracked else 0
+            if m or overlap:
+                view = replace(view, matched_blocks=m, active_overlap_blocks=overlap)
+            out.append(view)
         return tuple(out)
+
+    def _view(
+        self, name: str, state: _Replica, now: float, fills: Mapping[str, float] | None
+    ) -> ReplicaView:
+        healthy = self._healthy(state, now)
+        pending, free = self._admission(state)
+        interval = _finish_interval(state.finishes, now)
+        m = state.metrics
+        speed = state.speed.speed
+        return ReplicaView(
+            name=name,
+            address=state.spec.address,
+            healthy=healthy,
+            available=healthy and pending <= self._max_pending,
+            in_flight=len(state.in_flight),
+            pending=pending,
+            prefill_tokens_per_s=speed.prefill_tokens_per_s,
+            decode_step_s=speed.decode_step_s,
+            backlog_s=max(0.0, state.busy_until - now),
+            admit_wait_s=pending * interval,
+            kv_free_tokens=free,
+            finish_interval_s=interval,
+            cache_fill=fills.get(name, 0.0) if fills else 0.0,
+            cache_hit_rate=state.reuse.rate,
+            waiting=0.0 if m is None else m.waiting,
+            kv_usage=0.0 if m is None or m.kv_usage is None else m.kv_usage,
+            active_blocks=len(state.blocks),
+            prefill_blocks=sum(state.prefill.values()),
+        )
 
     def any_healthy(self, now: float) -> bool:
         """Whether views(now) has a healthy replica (without building the views)."""

@@ -25,7 +25,7 @@ a prompt is therefore a prefix of its hashes, found in O(log n) lookups rather t
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 __all__ = ["PrefixIndex"]
 
@@ -48,13 +48,17 @@ class _TargetCache:
     def __contains__(self, key: int) -> bool:
         return key in self._entries
 
-    def touch(self, key: int, stamp: float) -> None:
-        """Record `key` at `stamp` as the most recently used; the least recent go when full."""
+    def touch(self, keys: Iterable[int], stamp: float) -> None:
+        """Record each key at `stamp` as the most recently used, in turn (the last one ends
+        most recent); the least recent go once at the end, which leaves the same entries as
+        evicting after each one."""
         entries = self._entries
-        if key in entries:
-            entries.move_to_end(key)
-        entries[key] = stamp
-        if len(entries) > self.maxsize:
+        to_end = entries.move_to_end
+        for key in keys:
+            if key in entries:
+                to_end(key)
+            entries[key] = stamp
+        while len(entries) > self.maxsize:
             entries.popitem(last=False)
 
     def fresh(self, key: int, oldest: float) -> bool:
@@ -86,8 +90,7 @@ class PrefixIndex:
         cache = self._caches.get(target)
         if cache is None:
             cache = self._caches[target] = _TargetCache(self._max)
-        for h in reversed(hashes):
-            cache.touch(h, now)
+        cache.touch(reversed(hashes), now)
 
     def match(self, hashes: Sequence[int], now: float) -> dict[str, int]:
         """target -> number of leading `hashes` it holds (targets with 0 are left out)."""
