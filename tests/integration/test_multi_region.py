@@ -66,7 +66,10 @@ OPTS = MeshOptions(
     stacks={"asia": replace(FAST, replicas=2)},
     rtt_ms=RTT_MS,
     residency={"eu": ("eu",)},
-    spill=SpillConfig(poll_interval_s=0.1, stale_after_s=STALE_AFTER_S),
+    # The paper's spill rule: these tests check its contract (a full region lends to a peer with
+    # room, a conversation follows where it was sent). The predictive default is checked across
+    # live regions by tests/bench/test_live.py and in tests/test_region_predict.py.
+    spill=SpillConfig(mode="prefix", poll_interval_s=0.1, stale_after_s=STALE_AFTER_S),
 )
 
 

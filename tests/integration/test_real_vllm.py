@@ -38,9 +38,11 @@ pytestmark = [pytest.mark.integration, pytest.mark.vllm]
 MODEL = model_of(REAL.profile)
 
 
-def _region(pool: ReplicaPool, workdir: Path, name: str) -> tuple[Supervisor, RegionStack]:
+def _region(
+    pool: ReplicaPool, workdir: Path, name: str, **params: object
+) -> tuple[Supervisor, RegionStack]:
     sup = Supervisor(workdir / "logs")
-    opts = replace(pool.opts, region=name, startup_timeout_s=60.0)
+    opts = replace(pool.opts, region=name, startup_timeout_s=60.0, policy_params=params)
     try:
         return sup, start_region_over(sup, workdir, opts, list(pool.replicas), dict(pool.pids))
     except BaseException:
@@ -188,12 +190,23 @@ def test_hit_rate_agrees_with_the_simulator(
     )
 
 
-def test_selective_pushing_holds_requests_at_the_balancer(stack: RegionStack) -> None:
+@pytest.fixture
+def holding(pool: ReplicaPool, tmp_path: Path) -> Iterator[RegionStack]:
+    """The default policy holding a request whenever its best replica has any queue at all
+    (`hold_s: 0`; by default it pushes up to 1 s of predicted queue)."""
+    sup, region = _region(pool, tmp_path, "hold", hold_s=0.0)
+    try:
+        yield region
+    finally:
+        sup.stop_all()
+
+
+def test_selective_pushing_holds_requests_at_the_balancer(holding: RegionStack) -> None:
     """Fill every replica straight (2 running + 1 waiting each, as vLLM reports; ~4 s of
     decoding), then send 3
     requests through the balancer: skylb keeps them in its queue, not one reaches a replica
     that reports a waiting request, and they go out once the replicas have room."""
-    asyncio.run(_hold_while_full(stack))
+    asyncio.run(_hold_while_full(holding))
 
 
 async def _hold_while_full(stack: RegionStack) -> None:
