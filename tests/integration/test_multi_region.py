@@ -62,13 +62,15 @@ RTT_MS = 20.0
 STALE_AFTER_S = 0.5
 OPTS = MeshOptions(
     regions=("us", "eu", "asia"),
-    stack=replace(TINY, replicas=2),
-    stacks={"asia": replace(FAST, replicas=2)},
+    stack=replace(TINY, replicas=2, policy="skylb_paper"),
+    stacks={"asia": replace(FAST, replicas=2, policy="skylb_paper")},
     rtt_ms=RTT_MS,
     residency={"eu": ("eu",)},
-    # The paper's spill rule: these tests check its contract (a full region lends to a peer with
-    # room, a conversation follows where it was sent). The predictive default is checked across
-    # live regions by tests/bench/test_live.py and in tests/test_region_predict.py.
+    # The paper's rules (policy and spill): these tests check their contract (a full region lends
+    # to a peer with room at once, a conversation follows where it was sent, a dead peer gets
+    # nothing and gets work again when back). The predictive default holds less and spills by
+    # its prediction: it is checked across live regions by tests/bench/test_live.py and in
+    # tests/test_region_predict.py.
     spill=SpillConfig(mode="prefix", poll_interval_s=0.1, stale_after_s=STALE_AFTER_S),
 )
 
