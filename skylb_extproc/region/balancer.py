@@ -23,6 +23,9 @@ Rules, in order (ARCHITECTURE.md §2; `region/spill.py` and `region/cost.py` for
    they never block spillable ones behind them; the first spillable request that stays ends the
    walk (FIFO: the ones behind it would get the same answer). At most `MAX_SKIPPED` skipped
    entries per event bound the work of a long, restricted queue.
+6. `spill.mode: predict` (the default, region/predict.py) also asks at arrival, before the
+   Router sees the request: it leaves at once when a peer's predicted TTFT beats the local one
+   by the margin, and the walk of rule 5 compares the same predictions for held requests.
 
 Our fix of SkyLB's burst problem at region level: forwards sent to a peer after the start of
 the poll that produced its last summary count as taking one of its available replicas and one
