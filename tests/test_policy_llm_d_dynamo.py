@@ -7,9 +7,9 @@ prompt is 640 characters, 10 blocks.
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass, field
 
 import pytest
+from test_policies import Case, r, same
 
 from skylb_extproc.errors import ConfigError
 from skylb_extproc.hashing import affinity_key, block_hashes, key_hash
@@ -22,12 +22,10 @@ from skylb_extproc.region.spill import Forward, SpillPlanner, SpillSettings
 from skylb_extproc.router import Router, RouterSettings
 from skylb_extproc.state.load import LoadTracker
 from skylb_extproc.types import (
-    Decision,
     Outcome,
     Reject,
     ReplicaSpec,
     ReplicaView,
-    Route,
     RouteRequest,
     ScrapedMetrics,
     Snapshot,
@@ -77,19 +75,6 @@ def snap(*views: ReplicaView, prompt_chars: int = 640) -> Snapshot:
     return Snapshot(views, prompt_chars // 64, prompt_chars, 64, decisions=0)
 
 
-def r(name: str, reason: str) -> Route:
-    return Route(replica=name, address=f"10.0.0.{name[-1]}:8000", reason=reason)
-
-
-@dataclass(frozen=True)
-class Case:
-    id: str
-    policy: str
-    snapshot: Snapshot
-    expected: Decision
-    params: dict[str, object] = field(default_factory=dict)
-
-
 CASES = [
     # --- llm_d: 2 x queue (min-max) + 2 x (1 - kv) + 3 x matched / prompt blocks -------------
     Case("llmd-none-healthy", "llm_d", snap(v("r0", up=False)), NO_REPLICA),
@@ -130,12 +115,6 @@ CASES = [
     Case("dyn-unhealthy-skipped", "dynamo", snap(v("r0", up=False, m=10), v("r1", act=500)),
          r("r1", "cost")),
 ]  # fmt: skip
-
-
-def same(got: Decision, expected: Decision) -> bool:
-    if isinstance(expected, Reject) and isinstance(got, Reject):
-        return (got.status, got.outcome) == (expected.status, expected.outcome)
-    return got == expected
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])

@@ -64,14 +64,15 @@ def queue_seconds(view: ReplicaView, kv_tokens: float = 0.0) -> float:
     return wait
 
 
-def kv_tokens(snapshot: Snapshot) -> float:
-    """What the request will hold in a replica's KV cache: prompt plus answer."""
-    return snapshot.prompt_chars / CHARS_PER_TOKEN + snapshot.max_tokens
+def kv_tokens(prompt_chars: int, max_tokens: int) -> float:
+    """What a request will hold in a replica's KV cache: prompt plus answer."""
+    return prompt_chars / CHARS_PER_TOKEN + max_tokens
 
 
 def predicted_ttft(view: ReplicaView, snapshot: Snapshot) -> float:
     """Queueing plus the prefill of what `view` does not hold (the `skylb` policy's estimate)."""
-    return queue_seconds(view, kv_tokens(snapshot)) + prefill_seconds(view, snapshot)
+    tokens = kv_tokens(snapshot.prompt_chars, snapshot.max_tokens)
+    return queue_seconds(view, tokens) + prefill_seconds(view, snapshot)
 
 
 def least_loaded(views: Iterable[ReplicaView], rotation: int = 0) -> ReplicaView | None:

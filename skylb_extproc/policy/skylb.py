@@ -99,7 +99,7 @@ class SkyLBPolicy:
             return Wait()
         n = len(healthy)
         rotation = snapshot.decisions % n
-        tokens = kv_tokens(snapshot)
+        tokens = kv_tokens(snapshot.prompt_chars, snapshot.max_tokens)
 
         def cost(v: ReplicaView) -> float:
             evicts = 1.0 + self.eviction_weight * v.cache_fill * v.cache_hit_rate

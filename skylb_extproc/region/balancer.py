@@ -38,7 +38,7 @@ from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
-from skylb_extproc.policy.common import CHARS_PER_TOKEN
+from skylb_extproc.policy.common import kv_tokens
 from skylb_extproc.region.cost import CostModel, wait_estimate
 from skylb_extproc.region.peers import PeerSummary, PeerTable, summarize
 from skylb_extproc.region.predict import choose_by_prediction
@@ -357,7 +357,7 @@ class RegionBalancer:
             matched=self._spill.planner.match(hashes, now),
             prompt_chars=len(request.prompt),
             block_chars=self.router.block_chars,
-            kv_tokens=len(request.prompt) / CHARS_PER_TOKEN + (request.max_tokens or 0),
+            kv_tokens=kv_tokens(len(request.prompt), request.max_tokens or 0),
             sent=sent,
             margin_s=self._spill.margin_s,
             tokens_per_s=self.router.prefill_tokens_per_s,
